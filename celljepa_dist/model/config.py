@@ -1,0 +1,169 @@
+"""Typed configuration of the model library: the encoder/heads (`ModelConfig`) and the loss mix
+(`LossConfig`). Each `validate()` raises ValueError naming the offending field."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+ATTENTION_BACKENDS = ("reference", "sdpa", "flex", "flash")
+FLASH_KERNELS = ("auto", "flash_attn", "torch")
+NORM_STYLES = ("post", "pre")
+VALUE_ENCODERS = ("continuous", "category")
+OBJECTIVES = ("celljepa", "scgpt")
+ECS_STYLES = ("supcon", "scgpt")
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    """Builds a dataclass from a mapping, rejecting unknown keys with the list of valid ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
+    cfg = cls(**data)
+    cfg.validate()
+    return cfg
+
+
+def _load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    return data
+
+
+@dataclass
+class ModelConfig:
+    """The scGPT encoder (paper 2.2) plus the Cell-JEPA heads. Defaults are the paper's (E.1)."""
+
+    vocab_size: Optional[int] = None  # None in YAML: taken from the vocab file (len(GeneVocab))
+    d_model: int = 512
+    n_layers: int = 12
+    n_heads: int = 8
+    d_hid: int = 512  # FFN width; scGPT and the paper use d_hid == d_model
+    dropout: float = 0.2
+    norm_style: str = "post"  # scGPT uses post-norm (nn.TransformerEncoderLayer default)
+    layer_norm_eps: float = 1e-5
+    attention_backend: str = "sdpa"
+    flash_kernel: str = "auto"  # varlen kernel of the flash backend: flash_attn on CUDA, torch = pure PyTorch
+    value_encoder: str = "continuous"
+    n_bins: int = 51
+    max_value: float = 512.0  # scGPT clamps continuous input values to this
+    pad_id: int = 0
+    cls_id: int = 1
+    mask_value: float = -1.0
+    pad_value: float = -2.0
+    predictor_hidden: int = 0  # JEPA predictor width; 0 means d_model
+    use_mvc: bool = False  # GEPC/MVC head (fine-tuning; off in pre-training as in the paper)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> "ModelConfig":
+        def bad(field: str, why: str):
+            raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 3):
+            bad("vocab_size", "must be an int >= 3 (the special tokens) or null to take it from the vocab")
+        for name in ("d_model", "n_layers", "n_heads", "d_hid", "n_bins"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(name, "must be a positive int")
+        if self.d_model % self.n_heads:
+            bad("n_heads", f"must divide d_model={self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "must be in [0, 1)")
+        if self.norm_style not in NORM_STYLES:
+            bad("norm_style", f"must be one of {NORM_STYLES}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", f"must be one of {ATTENTION_BACKENDS}")
+        if self.flash_kernel not in FLASH_KERNELS:
+            bad("flash_kernel", f"must be one of {FLASH_KERNELS}")
+        if self.attention_backend == "flash" and self.head_dim % 8:
+            bad("n_heads", f"flash-attn needs a head dim multiple of 8, got {self.head_dim}")
+        if self.value_encoder not in VALUE_ENCODERS:
+            bad("value_encoder", f"must be one of {VALUE_ENCODERS}")
+        if self.n_bins < 2:
+            bad("n_bins", "must be >= 2")
+        if self.mask_value == self.pad_value:
+            bad("mask_value", "must differ from pad_value")
+        if self.mask_value >= 0 or self.pad_value >= 0:
+            bad("mask_value" if self.mask_value >= 0 else "pad_value", "must be negative (bins are >= 0)")
+        if self.predictor_hidden < 0:
+            bad("predictor_hidden", "must be >= 0")
+        if self.vocab_size is not None:
+            for name in ("pad_id", "cls_id"):
+                if not 0 <= getattr(self, name) < self.vocab_size:
+                    bad(name, f"must be a token id in [0, vocab_size={self.vocab_size})")
+        return self
+
+    def require_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError(
+                "ModelConfig.vocab_size is unset: set it from the vocab file (len(GeneVocab.load(path)))"
+            )
+        return self.vocab_size
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "ModelConfig") -> "ModelConfig":
+        return _from_dict(cls, data, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        return _from_dict(cls, _load_yaml(path), str(path))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass
+class LossConfig:
+    """Weights of the objective. Pre-training (paper E.1): rec 1, JEPA 1000; scgpt = no JEPA term."""
+
+    objective: str = "celljepa"
+    w_rec: float = 1.0
+    w_jepa: float = 1000.0
+    w_mvc: float = 0.0  # GEPC; needs ModelConfig.use_mvc
+    w_ecs: float = 0.0
+    ecs_style: str = "supcon"  # supcon = Cell-JEPA (paper 2.4.2), scgpt = thresholded (paper C.5)
+    ecs_temperature: float = 0.07
+    ecs_threshold: float = 0.3
+
+    def validate(self) -> "LossConfig":
+        def bad(field: str, why: str):
+            raise ValueError(f"LossConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"must be one of {OBJECTIVES}")
+        for name in ("w_rec", "w_jepa", "w_mvc", "w_ecs"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if self.ecs_style not in ECS_STYLES:
+            bad("ecs_style", f"must be one of {ECS_STYLES}")
+        if self.ecs_temperature <= 0:
+            bad("ecs_temperature", "must be > 0")
+        if not -1.0 <= self.ecs_threshold <= 1.0:
+            bad("ecs_threshold", "must be a cosine in [-1, 1]")
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.objective == "celljepa" and self.w_jepa > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "LossConfig") -> "LossConfig":
+        return _from_dict(cls, data, where)

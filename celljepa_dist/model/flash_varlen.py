@@ -1,0 +1,205 @@
+"""The `flash` backend's core: known/unknown attention on unpadded (varlen) tokens.
+
+Every query attends the gathered *known* keys of its cell through one varlen kernel call; a masked
+query's own key (the only unknown key it may see) is merged in exactly by log-sum-exp:
+    lse = logaddexp(lse_K, s_ii),  out = exp(lse_K - lse) * out_K + exp(s_ii - lse) * v_i.
+flash-attn does not backpropagate through `softmax_lse`, so the merge lives in its own autograd
+Function: the kernel's backward is called with the *merged* out and lse (which makes its
+probabilities and its rowsum(dout * out) term those of the full softmax), and the self term's
+gradient is added by hand.
+
+The kernel pair is injected (`VarlenKernels`): flash-attn 2's private varlen forward/backward on
+CUDA, or `torch_varlen_forward/backward` below, a pure-PyTorch implementation with the same
+signatures and semantics, so the merge and the autograd Function run for real in CPU tests.
+Signatures follow flash-attn 2.7/2.8 `flash_attn/flash_attn_interface.py`:
+  _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      dropout_p, softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+      alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None, seqused_k=None)
+      -> (out [total_q, H, D], softmax_lse [H, total_q] fp32, S_dmask, rng_state)
+  _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q,
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+      window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state=None)
+      -> softmax_d; writes dq, dk, dv in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class VarlenKernels:
+    forward: Callable
+    backward: Callable
+    name: str
+    low_precision_only: bool  # flash-attn runs fp16/bf16 only
+
+
+@dataclass
+class VarlenLayout:
+    """Where the tokens of a padded [B, L] batch go once unpadded; built once per batch."""
+
+    token_idx: torch.Tensor  # [T] flat positions (b * L + i) of the non-pad tokens, cell by cell
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    max_seqlen_q: int
+    key_idx: torch.Tensor  # [K] positions in the packed tokens of the keys (known tokens)
+    cu_seqlens_k: torch.Tensor  # [B + 1] int32
+    max_seqlen_k: int
+    self_idx: torch.Tensor  # [S] packed positions of the masked queries (their own key is merged)
+
+
+def _cu_seqlens(counts: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def build_varlen_layout(padding_mask: torch.Tensor, value_mask: Optional[torch.Tensor]) -> VarlenLayout:
+    nonpad = ~padding_mask
+    lengths = nonpad.sum(1)
+    token_idx = nonpad.flatten().nonzero().squeeze(1)
+    if value_mask is None:
+        known = torch.ones_like(token_idx, dtype=torch.bool)
+        n_known = lengths
+    else:
+        known = ~value_mask.flatten()[token_idx]
+        n_known = (nonpad & ~value_mask).sum(1)
+    # One host sync per batch (not per layer) for the max lengths the kernel wants as ints.
+    max_q, max_k = (int(x) for x in torch.stack([lengths.max(), n_known.max()]).tolist())
+    return VarlenLayout(
+        token_idx=token_idx,
+        cu_seqlens_q=_cu_seqlens(lengths),
+        max_seqlen_q=max_q,
+        key_idx=known.nonzero().squeeze(1),
+        cu_seqlens_k=_cu_seqlens(n_known),
+        max_seqlen_k=max_k,
+        self_idx=(~known).nonzero().squeeze(1),
+    )
+
+
+# ---- pure-PyTorch varlen kernels (dense block-diagonal; for CPU tests and debugging) ----------
+
+
+def _segment_scores(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale):
+    seg_q = torch.repeat_interleave(torch.arange(len(cu_seqlens_q) - 1, device=q.device), cu_seqlens_q.diff())
+    seg_k = torch.repeat_interleave(torch.arange(len(cu_seqlens_k) - 1, device=k.device), cu_seqlens_k.diff())
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * softmax_scale
+    same_cell = seg_q[:, None] == seg_k[None, :]
+    return scores.masked_fill(~same_cell, float("-inf")), same_cell
+
+
+def _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes):
+    if dropout_p or causal or window_size_left != -1 or window_size_right != -1 or softcap or alibi_slopes is not None:
+        raise NotImplementedError("torch varlen kernel: only dropout_p=0, non-causal, no window/softcap/alibi")
+
+
+def torch_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                         softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+                         alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
+                         seqused_k=None):
+    _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
+    scores, same_cell = _segment_scores(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+    lse = torch.logsumexp(scores, dim=-1)  # [H, Tq]; -inf for a query with no keys
+    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~same_cell, 0.0).nan_to_num(0.0)
+    out = torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+    return out, lse, torch.empty(0, dtype=q.dtype), None
+
+
+def torch_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                          max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left,
+                          window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
+    _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
+    scores, same_cell = _segment_scores(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+    # Probabilities from the lse we are given, as flash does: that is what makes the merge work.
+    probs = torch.exp(scores - softmax_lse.unsqueeze(-1)).masked_fill(~same_cell, 0.0).nan_to_num(0.0)
+    dout32 = dout.float()
+    softmax_d = (dout32 * out.float()).sum(-1).transpose(0, 1)  # [H, Tq] = rowsum(dout * out)
+    dprobs = torch.einsum("qhd,khd->hqk", dout32, v.float())
+    dscores = probs * (dprobs - softmax_d.unsqueeze(-1))
+    dq.copy_(torch.einsum("hqk,khd->qhd", dscores, k.float()) * softmax_scale)
+    dk.copy_(torch.einsum("hqk,qhd->khd", dscores, q.float()) * softmax_scale)
+    dv.copy_(torch.einsum("hqk,qhd->khd", probs, dout32))
+    return softmax_d
+
+
+TORCH_KERNELS = VarlenKernels(torch_varlen_forward, torch_varlen_backward, "torch", low_precision_only=False)
+
+
+def flash_attn_kernels() -> VarlenKernels:
+    try:
+        from flash_attn import flash_attn_interface as fai
+    except ImportError as err:
+        raise RuntimeError(
+            "attention_backend='flash' needs flash-attn 2 (pip install 'celljepa-dist[gpu]') and CUDA; "
+            "use flash_kernel='torch' for the pure-PyTorch varlen kernel, or another backend"
+        ) from err
+    # The torch.ops-wrapped variants exist from 2.7 on; older releases expose the plain functions.
+    fwd = getattr(fai, "_wrapped_flash_attn_varlen_forward", fai._flash_attn_varlen_forward)
+    bwd = getattr(fai, "_wrapped_flash_attn_varlen_backward", fai._flash_attn_varlen_backward)
+    return VarlenKernels(fwd, bwd, "flash_attn", low_precision_only=True)
+
+
+def resolve_kernels(choice: str, device: torch.device) -> VarlenKernels:
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return TORCH_KERNELS
+    return flash_attn_kernels()
+
+
+# ---- the merge and its autograd Function --------------------------------------------------------
+
+
+class KnownUnknownVarlenAttention(torch.autograd.Function):
+    """q, k, v: [T, H, D] packed tokens. Returns [T, H, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: VarlenLayout, kernels: VarlenKernels, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        k_known, v_known = k[layout.key_idx], v[layout.key_idx]
+        args = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k)
+        out, lse = kernels.forward(q, k_known, v_known, *args, 0.0, scale, False)[:2]
+        idx = layout.self_idx
+        if idx.numel():
+            s_self = (q[idx].float() * k[idx].float()).sum(-1) * scale  # [S, H]
+            lse_known = lse[:, idx].transpose(0, 1)
+            lse_merged = torch.logaddexp(lse_known, s_self)
+            w_known = torch.exp(lse_known - lse_merged).unsqueeze(-1)
+            w_self = torch.exp(s_self - lse_merged).unsqueeze(-1)
+            out = out.clone()
+            out[idx] = (w_known * out[idx].float() + w_self * v[idx].float()).to(out.dtype)
+            lse = lse.clone()
+            lse[:, idx] = lse_merged.transpose(0, 1)
+        ctx.save_for_backward(q, k, v, k_known, v_known, out, lse)
+        ctx.layout, ctx.kernels, ctx.scale = layout, kernels, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, k_known, v_known, out, lse = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        dout = dout.contiguous()
+        dq, dk_known, dv_known = torch.empty_like(q), torch.empty_like(k_known), torch.empty_like(v_known)
+        ctx.kernels.backward(
+            dout, q, k_known, v_known, out, lse, dq, dk_known, dv_known,
+            layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
+            0.0, scale, False, -1, -1, 0.0, None, False, None,
+        )
+        dk = torch.zeros_like(k).index_copy_(0, layout.key_idx, dk_known)
+        dv = torch.zeros_like(v).index_copy_(0, layout.key_idx, dv_known)
+        idx = layout.self_idx
+        if idx.numel():
+            q_s, k_s, v_s, do_s = q[idx].float(), k[idx].float(), v[idx].float(), dout[idx].float()
+            p_self = torch.exp((q_s * k_s).sum(-1) * scale - lse[:, idx].transpose(0, 1))  # [S, H]
+            softmax_d = (do_s * out[idx].float()).sum(-1)
+            dscore = (p_self * ((do_s * v_s).sum(-1) - softmax_d) * scale).unsqueeze(-1)
+            dq[idx] += (dscore * k_s).to(dq.dtype)
+            dk[idx] += (dscore * q_s).to(dk.dtype)
+            dv[idx] += (p_self.unsqueeze(-1) * do_s).to(dv.dtype)
+        return dq, dk, dv, None, None, None
+
+
+def varlen_known_unknown_attention(q, k, v, layout: VarlenLayout, kernels: VarlenKernels, scale: float):
+    """Casts to bf16 around flash-attn when the model runs in fp32 (autograd handles the casts)."""
+    dtype = q.dtype
+    if kernels.low_precision_only and dtype not in (torch.float16, torch.bfloat16):
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    return KnownUnknownVarlenAttention.apply(q, k, v, layout, kernels, scale).to(dtype)
