@@ -1,0 +1,352 @@
+"""Streaming loader: webdataset shard reading + DataLoader workers + exact mid-epoch resume.
+
+    loader, n = build_loader(cfg, rank, world_size, epoch, resume_state=None)
+    for i, batch in enumerate(loader):      # n batches, identical count on every rank
+        ...
+        state = loader.state_dict(i + 1)    # save with the checkpoint; pass back to resume
+
+The order of cells is a pure function of (seed, epoch) and the (rank, batch) partition is in
+`order.py`; a cell's tokens depend only on (seed, epoch, cell) (`collate.py`). Each DataLoader
+worker builds the rank batches b with (b - start) % W == w and the DataLoader takes them
+round-robin, so the batch sequence does not depend on the number of workers, and a resumed
+loader (any worker count) yields exactly the batches the uninterrupted one would have.
+
+Bad shards (sha256 mismatch, truncated tar, undecodable member): `on_error="raise"` raises an
+error naming the shard; `on_error="skip"` warns, skips the whole shard and refills the lost slots
+with the following good cells of the rank's span (order.fill_skipped), so every rank still
+yields exactly `n` full batches; `stats()` counts the skipped cells and the loader raises when
+they exceed `max_skip_fraction` of the rank's cells.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from . import order as O
+from .collate import check_mask_ratio, collate_cells, gather_cells, to_tensors
+from .shards import check_vocab_hash, read_manifest
+
+STATE_FORMAT = "celljepa-loader-state/1"
+_NEEDED = ("offsets.npy", "genes.npy", "bins.npy", "joinids.npy", "meta.json")  # counts are not read
+_DTYPES = {"offsets.npy": np.int64, "genes.npy": np.int32, "bins.npy": np.uint8, "joinids.npy": np.int64}
+
+
+@dataclass
+class LoaderConfig:
+    shards_dir: str = ""
+    batch_size: int = 32  # per rank
+    max_genes: int = 600  # paper 2.1 L_max; <cls> comes on top
+    mask_ratio: float = 0.15  # 0.15 pre-training, 0.4 finetuning, 0 teacher/eval
+    seed: int = 0
+    num_workers: int = 2
+    pin_memory: bool = True  # only takes effect when CUDA is available
+    prefetch_factor: int = 4  # batches in flight per worker
+    known_first: bool = False  # <cls>, known genes, then masked genes (helps attention kernels)
+    on_error: str = "raise"  # or "skip"
+    max_skip_fraction: float = 0.01  # of the rank's cells, under on_error="skip"
+    verify_checksums: bool = True  # sha256 of each shard against the manifest
+    vocab_path: str | None = None  # when set, the manifest's vocab hash must match this vocab
+
+    def validate(self) -> None:
+        if not self.shards_dir:
+            raise ValueError("LoaderConfig.shards_dir must be set")
+        for name in ("batch_size", "max_genes", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LoaderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
+        try:
+            check_mask_ratio(self.mask_ratio)
+        except ValueError as e:
+            raise ValueError(f"LoaderConfig.{e}") from None
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"LoaderConfig.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"LoaderConfig.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+
+
+class ShardError(ValueError):
+    """A shard could not be read; the message names the file."""
+
+
+# --- reading one shard through webdataset --------------------------------------------------------
+
+class _HashingReader(io.RawIOBase):
+    """Read-through file wrapper hashing every byte, so verification needs no second pass."""
+
+    def __init__(self, f, verify: bool):
+        self.f, self.sha = f, hashlib.sha256() if verify else None
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        if self.sha is not None:
+            self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+@dataclass
+class ShardCells:
+    """The parts of a shard the loader needs (no raw counts)."""
+
+    offsets: np.ndarray
+    genes: np.ndarray
+    bins: np.ndarray
+    joinids: np.ndarray
+    labels: np.ndarray
+
+
+def _decode(sample: dict, where: str) -> tuple:
+    key = sample.get("__key__")
+    missing = [m for m in _NEEDED if m not in sample]
+    if missing:
+        raise ShardError(f"{where}: block {key} lacks members {missing}")
+    arrays = []
+    for member, dtype in _DTYPES.items():
+        try:
+            arr = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+        except Exception as e:
+            raise ShardError(f"{where}: block {key} member {member} does not decode ({e})") from None
+        if arr.dtype != dtype or arr.ndim != 1:
+            raise ShardError(f"{where}: block {key} member {member} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        arrays.append(arr)
+    offsets, genes, bins, joinids = arrays
+    if len(offsets) != len(joinids) + 1 or offsets[0] != 0 or offsets[-1] != len(genes) or len(genes) != len(bins):
+        raise ShardError(f"{where}: block {key} offsets disagree with its gene arrays")
+    try:
+        meta = json.loads(sample["meta.json"])
+    except Exception as e:
+        raise ShardError(f"{where}: block {key} meta.json does not decode ({e})") from None
+    label = meta.get("label")
+    labels = np.full(len(joinids), -1, np.int64) if label is None else np.array(
+        [-1 if x is None else int(x) for x in label], dtype=np.int64)
+    if len(labels) != len(joinids):
+        raise ShardError(f"{where}: block {key} has {len(labels)} labels for {len(joinids)} cells")
+    return offsets, genes, bins, joinids, labels
+
+
+def read_shard_cells(path: str | Path, expected_sha256: str | None = None, expected_cells: int | None = None) -> ShardCells:
+    """Read one shard with webdataset's tar iterators; verify sha256 and cell count when given."""
+    path = Path(path)
+    where = f"shard {path}"
+    parts = []
+    try:
+        with open(path, "rb") as f:
+            reader = _HashingReader(f, expected_sha256 is not None)
+            source = [{"url": str(path), "stream": reader}]
+            members = tar_file_expander(source, select_files=lambda name: not name.endswith("counts.npy"))
+            for sample in group_by_keys(members):
+                parts.append(_decode(sample, where))
+            reader.drain()
+    except ShardError:
+        raise
+    except Exception as e:  # tarfile, EOF, OS errors: webdataset re-raises with extra args
+        raise ShardError(f"{where}: unreadable or truncated tar ({type(e).__name__}: {e.args[0] if e.args else e})") from None
+    if expected_sha256 is not None and reader.sha.hexdigest() != expected_sha256:
+        raise ShardError(f"{where}: sha256 {reader.sha.hexdigest()[:12]}... differs from the manifest's "
+                         f"{expected_sha256[:12]}... (corrupt or replaced file)")
+    sizes = [int(p[0][-1]) for p in parts]
+    shifts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    offsets = np.concatenate([[0]] + [p[0][1:] + s for p, s in zip(parts, shifts)]).astype(np.int64)
+    cells = ShardCells(offsets, *(np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dt)
+                                  for i, dt in ((1, np.int32), (2, np.uint8), (3, np.int64), (4, np.int64))))
+    if expected_cells is not None and len(cells.joinids) != expected_cells:
+        raise ShardError(f"{where}: holds {len(cells.joinids)} cells, the manifest says {expected_cells}")
+    return cells
+
+
+# --- the per-rank dataset -------------------------------------------------------------------------
+
+class CellStream(IterableDataset):
+    """Yields one rank's batches of one epoch (from `start_batch`); see the module docstring."""
+
+    def __init__(self, cfg: LoaderConfig, manifest: dict, epoch: int, plan: O.RankPlan, start_batch: int):
+        self.cfg, self.epoch, self.plan, self.start_batch = cfg, epoch, plan, start_batch
+        self.shards = manifest["shards"]
+        self.shard_cells = [int(s["cells"]) for s in self.shards]
+        # Shared with the workers (fork or spawn): 1 where a shard was found bad. Read by stats().
+        self.bad_flags = torch.zeros(len(self.shards), dtype=torch.int8).share_memory_()
+
+    def __len__(self) -> int:
+        return self.plan.num_batches - self.start_batch
+
+    def _load(self, index: int) -> ShardCells:
+        entry = self.shards[index]
+        sha = entry["sha256"] if self.cfg.verify_checksums else None
+        return read_shard_cells(Path(self.cfg.shards_dir) / entry["name"], sha, int(entry["cells"]))
+
+    def skipped_cells(self, order: O.EpochOrder, bad: set[int]) -> int:
+        """Cells of the rank's span that sit in bad shards."""
+        lost = 0
+        for visit, s in enumerate(order.shard_order):
+            if int(s) in bad:
+                a = max(int(order.starts[visit]), self.plan.span_start)
+                b = min(int(order.starts[visit + 1]), self.plan.span_stop)
+                lost += max(0, b - a)
+        return lost
+
+    def _resolve(self, order, positions, cache, bad):
+        """Positions -> (shard, cell) after loading shards, marking bad ones and refilling."""
+        while True:
+            pos = O.fill_skipped(order, self.plan, positions, bad)
+            shard, cell = order.locate(pos)
+            newly_bad = False
+            for s in np.unique(shard).tolist():
+                if s in cache:
+                    continue
+                try:
+                    cache[s] = self._load(s)
+                except ShardError as e:
+                    if self.cfg.on_error == "raise":
+                        raise
+                    warnings.warn(f"skipping {e}", RuntimeWarning, stacklevel=2)
+                    bad.add(s)
+                    self.bad_flags[s] = 1
+                    newly_bad = True
+            if not newly_bad:
+                return shard, cell
+            lost = self.skipped_cells(order, bad)
+            span = self.plan.span_stop - self.plan.span_start
+            if lost > self.cfg.max_skip_fraction * span:
+                names = [self.shards[s]["name"] for s in sorted(bad)]
+                raise ShardError(f"rank {self.plan.rank}: skipped {lost} of {span} cells "
+                                 f"(> max_skip_fraction={self.cfg.max_skip_fraction}) in bad shards {names}")
+
+    def _assemble(self, shard: np.ndarray, cell: np.ndarray, cache: dict) -> dict:
+        """Gather the batch's cells from their shards, keeping slot order."""
+        pieces, slot_order = [], []
+        for s in dict.fromkeys(shard.tolist()):  # shards in order of first appearance
+            slots = np.flatnonzero(shard == s)
+            data = cache[s]
+            offsets, flat = gather_cells(data.offsets, cell[slots])
+            pieces.append((offsets, data.genes[flat], data.bins[flat], data.joinids[cell[slots]], data.labels[cell[slots]]))
+            slot_order.append(slots)
+        if len(pieces) == 1:
+            offsets, genes, bins, joinids, labels = pieces[0]
+        else:
+            sizes = [int(p[0][-1]) for p in pieces]
+            shifts = np.concatenate([[0], np.cumsum(sizes)])
+            offsets = np.concatenate([[0]] + [p[0][1:] + sh for p, sh in zip(pieces, shifts)])
+            genes, bins, joinids, labels = (np.concatenate([p[i] for p in pieces]) for i in range(1, 5))
+            back = np.argsort(np.concatenate(slot_order), kind="stable")  # grouped order -> slot order
+            offsets, flat = gather_cells(offsets, back)
+            genes, bins, joinids, labels = genes[flat], bins[flat], joinids[back], labels[back]
+        cfg = self.cfg
+        return collate_cells(offsets, genes, bins, joinids, labels, seed=cfg.seed, epoch=self.epoch,
+                             max_genes=cfg.max_genes, mask_ratio=cfg.mask_ratio, known_first=cfg.known_first)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = O.EpochOrder(self.shard_cells, self.cfg.seed, self.epoch)
+        cache: dict[int, ShardCells] = {}
+        bad: set[int] = {i for i in range(len(self.shards)) if int(self.bad_flags[i])}
+        for b in O.worker_batches(self.plan.num_batches, self.start_batch, worker, workers):
+            shard, cell = self._resolve(order, O.batch_positions(self.plan, b), cache, bad)
+            used = set(shard.tolist())
+            for s in [s for s in cache if s not in used]:  # spans move forward: keep only live shards
+                del cache[s]
+            order.forget(used)
+            yield to_tensors(self._assemble(shard, cell, cache))
+
+
+# --- the loader -----------------------------------------------------------------------------------
+
+def _fingerprint(manifest: dict) -> str:
+    """Identifies the shard set, so a resume state is never applied to other data."""
+    names = [(s["name"], int(s["cells"]), s["sha256"]) for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+
+
+class CellLoader:
+    """DataLoader-like: iterate for the rank's batches; len() = batches it yields."""
+
+    def __init__(self, dataset: CellStream, dataloader, fingerprint: str):
+        self.dataset, self.dataloader, self.fingerprint = dataset, dataloader, fingerprint
+        self.plan, self.epoch, self.start_batch = dataset.plan, dataset.epoch, dataset.start_batch
+
+    def __iter__(self):
+        return iter(self.dataloader)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def epoch_batches(self) -> int:
+        return self.plan.num_batches
+
+    def state_dict(self, batches_consumed: int) -> dict:
+        """Resume state after the caller consumed `batches_consumed` batches of this loader."""
+        if not 0 <= batches_consumed <= len(self):
+            raise ValueError(f"batches_consumed {batches_consumed} is not in [0, {len(self)}]")
+        cfg = self.dataset.cfg
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "batches_done": self.start_batch + batches_consumed,
+                "seed": cfg.seed, "world_size": self.plan.world_size, "rank": self.plan.rank,
+                "batch_size": self.plan.batch_size, "total_cells": self.plan.total_cells,
+                "shards_fingerprint": self.fingerprint}
+
+    def stats(self) -> dict:
+        """Counters for MLflow: shards and rank cells skipped so far (under on_error='skip')."""
+        bad = {i for i, f in enumerate(self.dataset.bad_flags.tolist()) if f}
+        order = O.EpochOrder(self.dataset.shard_cells, self.dataset.cfg.seed, self.epoch)
+        return {"skipped_shards": len(bad), "skipped_cells": self.dataset.skipped_cells(order, bad),
+                "rank_cells": self.plan.span_stop - self.plan.span_start,
+                "dropped_cells": self.plan.dropped_cells}
+
+
+def _check_resume(state: dict, expected: dict) -> int:
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"resume state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+    for key in ("epoch", "seed", "world_size", "rank", "batch_size", "total_cells", "shards_fingerprint"):
+        if state.get(key) != expected[key]:
+            hint = " (changing world size mid-epoch is not supported: resume with the same world size or at an epoch boundary)" if key == "world_size" else ""
+            raise ValueError(f"resume state {key}={state.get(key)!r} does not match this run's {expected[key]!r}{hint}")
+    return int(state["batches_done"])
+
+
+def build_loader(cfg: LoaderConfig, rank: int, world_size: int, epoch: int,
+                 resume_state: dict | None = None, vocab_sha256: str | None = None) -> tuple[CellLoader, int]:
+    """One epoch's loader for `rank`; returns (loader, number of batches it yields)."""
+    cfg.validate()
+    manifest = read_manifest(cfg.shards_dir)
+    if cfg.vocab_path is not None:
+        from .vocab import GeneVocab
+
+        check_vocab_hash(manifest, GeneVocab.load(cfg.vocab_path).sha256, f"manifest in {cfg.shards_dir}")
+    if vocab_sha256 is not None:
+        check_vocab_hash(manifest, vocab_sha256, f"manifest in {cfg.shards_dir}")
+    plan = O.rank_plan(int(manifest["total_cells"]), cfg.batch_size, world_size, rank)
+    if plan.num_batches == 0:
+        raise ValueError(f"{cfg.shards_dir}: {plan.total_cells} cells cannot fill one batch of "
+                         f"{cfg.batch_size} on each of {world_size} ranks")
+    fingerprint = _fingerprint(manifest)
+    start = 0
+    if resume_state is not None:
+        start = _check_resume(resume_state, {"epoch": epoch, "seed": cfg.seed, "world_size": world_size,
+                                             "rank": rank, "batch_size": cfg.batch_size,
+                                             "total_cells": plan.total_cells, "shards_fingerprint": fingerprint})
+        if not 0 <= start <= plan.num_batches:
+            raise ValueError(f"resume state batches_done={start} is not in [0, {plan.num_batches}]")
+    dataset = CellStream(cfg, manifest, epoch, plan, start)
+    kwargs = {}
+    if cfg.num_workers > 0:
+        kwargs = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False}
+    dataloader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+                            pin_memory=cfg.pin_memory and torch.cuda.is_available(), **kwargs)
+    loader = CellLoader(dataset, dataloader, fingerprint)
+    return loader, len(loader)
