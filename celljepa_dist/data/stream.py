@@ -156,7 +156,8 @@ def read_shard_cells(path: str | Path, expected_sha256: str | None = None, expec
     except ShardError:
         raise
     except Exception as e:  # tarfile, EOF, OS errors: webdataset re-raises with extra args
-        raise ShardError(f"{where}: unreadable or truncated tar ({type(e).__name__}: {e.args[0] if e.args else e})") from None
+        detail = str(e.args[0] if e.args else e).split(" @ <")[0]  # drop webdataset's stream repr
+        raise ShardError(f"{where}: unreadable or truncated tar ({type(e).__name__}: {detail})") from None
     if expected_sha256 is not None and reader.sha.hexdigest() != expected_sha256:
         raise ShardError(f"{where}: sha256 {reader.sha.hexdigest()[:12]}... differs from the manifest's "
                          f"{expected_sha256[:12]}... (corrupt or replaced file)")
