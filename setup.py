@@ -34,7 +34,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "scanpy>=1.10"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "scanpy>=1.10", "tiledbsoma-ml>=0.1"],  # tiledbsoma-ml: loader bench baseline
         # Never installed in CI: flash-attn needs CUDA and a compiler toolchain.
         "gpu": ["flash-attn>=2.6"],
     },
