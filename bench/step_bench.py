@@ -197,10 +197,10 @@ def attention_bench(args, device):
     """fwd+bwd of one attention layer per backend at B=64, L=601, bf16."""
     torch.manual_seed(0)
     d, heads = 512, 8
-    batch = random_batch(bench_lengths(64, 601), vocab_size=1000, mask_ratio=0.15)
+    batch = random_batch(bench_lengths(args.attn_batch, args.attn_len), vocab_size=1000, mask_ratio=0.15)
     pad, vm = batch["padding_mask"].to(device), batch["value_mask"].to(device)
     attn = KnownUnknownAttention(d, heads).to(device, torch.bfloat16)
-    print(f"attention fwd+bwd, B=64 L=601 d={d} heads={heads} bf16, 15% masked")
+    print(f"attention fwd+bwd, B={args.attn_batch} L={args.attn_len} d={d} heads={heads} bf16, 15% masked")
     for backend in ("reference", "sdpa", "flex", "flash"):
         try:
             kernels = resolve_kernels("flash_attn", device) if backend == "flash" else None
@@ -269,6 +269,8 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--gpu-backend", default="flash")
+    parser.add_argument("--attn-batch", type=int, default=64)
+    parser.add_argument("--attn-len", type=int, default=601)
     parser.add_argument("--gpu-batch", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
     args = parser.parse_args()
