@@ -174,6 +174,11 @@ def test_corrupt_shard_raises_naming_it(tiny_shards, tmp_path, how):
         read_shard_cells(dst / name, read_manifest(dst)["shards"][1]["sha256"])
     with pytest.raises(Exception, match=name):  # surfaces through the DataLoader worker too
         run(cfg_for(dst, num_workers=2))
+    if how == "truncate":  # without checksums the tar parser itself must notice
+        with pytest.raises(ShardError, match=f"{name}: unreadable or truncated tar"):
+            read_shard_cells(dst / name)
+        with pytest.raises(ShardError, match=name):
+            run(cfg_for(dst, verify_checksums=False))
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
