@@ -63,7 +63,7 @@ def _flex_attention(on_cuda: bool):
     if not on_cuda:
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 
