@@ -73,13 +73,22 @@ def test_exactly_once_and_equal_batch_counts(world, batch, workers):
     assert set(seq) - set(seen) == set(seq[plan.usable_cells :])  # the drop is the tail
 
 
-def test_round_robin_of_workers_is_independent_of_worker_count():
-    """The DataLoader takes one batch from each worker in turn; any W yields batches start..end."""
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_workers_partition_the_remaining_batches(chunk):
+    """Whatever W and chunk, the workers build each batch from `start` on exactly once; with
+    chunk=1 the DataLoader's round-robin alone already yields them in order."""
     plan = O.rank_plan(1000, 8, 3, 2)
     for start, workers in itertools.product([0, 5, plan.num_batches - 1, plan.num_batches], [1, 2, 3, 4]):
-        queues = [list(O.worker_batches(plan.num_batches, start, w, workers)) for w in range(workers)]
-        merged = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
-        assert merged == list(range(start, plan.num_batches))
+        queues = [O.worker_batches(plan.num_batches, start, w, workers, chunk) for w in range(workers)]
+        assert sorted(sum(queues, [])) == list(range(start, plan.num_batches))
+        assert all(q == sorted(q) for q in queues)
+        if chunk == 1:
+            merged = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+            assert merged == list(range(start, plan.num_batches))
+        elif workers > 1:  # a worker's batches come in runs of `chunk` consecutive indices
+            for q in queues:
+                runs = np.split(np.array(q), np.flatnonzero(np.diff(q) != 1) + 1) if q else []
+                assert all(len(r) <= chunk for r in runs) and all(len(r) == chunk for r in runs[:-1])
 
 
 def test_rank_touches_only_its_share_of_shards():

@@ -12,9 +12,9 @@ end of the global sequence; the sequence changes every epoch, so a different set
 dropped each epoch. Rank r owns the contiguous span [r * N_r, (r + 1) * N_r), N_r = usable/world,
 so a rank touches only ~1/world of the shards. Rank batch b is span [b * B, (b + 1) * B).
 
-DataLoader worker w of W produces the rank batches b >= start with (b - start) % W == w. The
-DataLoader collects batches from workers round-robin, so the rank's batch sequence is the same for
-any W (and the number of workers may change on resume).
+DataLoader worker w of W builds the rank batches b >= start whose chunk (b - start) // chunk is
+w modulo W; the loader puts batches back in index order, so the rank's batch sequence is the same
+for any W and chunk (the number of workers may change on resume).
 
 Random permutations come from numpy's PCG64 seeded with a SeedSequence of the integer tuple, so
 they are identical on every machine and numpy version that keeps PCG64's stream stable.
@@ -82,13 +82,21 @@ def rank_plan(total_cells: int, batch_size: int, world_size: int, rank: int) -> 
     )
 
 
-def worker_batches(num_batches: int, start_batch: int, worker: int, num_workers: int) -> range:
-    """Rank batch indices produced by DataLoader worker `worker` (round-robin from start_batch)."""
+def worker_batches(num_batches: int, start_batch: int, worker: int, num_workers: int, chunk: int = 1) -> list[int]:
+    """Rank batch indices built by DataLoader worker `worker`: from start_batch on, chunks of
+    `chunk` consecutive batches are dealt to the workers in turn. Larger chunks mean a worker
+    reads fewer of the shards (each shard is read by ~1 worker instead of all of them); the
+    loader restores batch order in the main process (buffering up to (W-1) * chunk batches)."""
     if num_workers < 1 or not 0 <= worker < num_workers:
         raise ValueError(f"worker {worker} is not in [0, num_workers={num_workers})")
     if not 0 <= start_batch <= num_batches:
         raise ValueError(f"start_batch {start_batch} is not in [0, {num_batches}]")
-    return range(start_batch + worker, num_batches, num_workers)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    out: list[int] = []
+    for first in range(start_batch + worker * chunk, num_batches, num_workers * chunk):
+        out.extend(range(first, min(first + chunk, num_batches)))
+    return out
 
 
 class EpochOrder:

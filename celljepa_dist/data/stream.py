@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from . import order as O
-from .collate import check_mask_ratio, collate_cells, gather_cells, to_tensors
+from .collate import check_mask_ratio, collate_cells, gather_cells
 from .shards import check_vocab_hash, read_manifest
 
 STATE_FORMAT = "celljepa-loader-state/1"
@@ -51,6 +51,9 @@ class LoaderConfig:
     pin_memory: bool = True  # only takes effect when CUDA is available
     prefetch_factor: int = 4  # batches in flight per worker
     known_first: bool = False  # <cls>, known genes, then masked genes (helps attention kernels)
+    # Consecutive batches per worker turn; 0 = auto (about one shard's cells, at most 256 batches).
+    # The main process buffers up to (num_workers - 1) * chunk batches to restore their order.
+    worker_chunk_batches: int = 0
     on_error: str = "raise"  # or "skip"
     max_skip_fraction: float = 0.01  # of the rank's cells, under on_error="skip"
     verify_checksums: bool = True  # sha256 of each shard against the manifest
@@ -62,6 +65,8 @@ class LoaderConfig:
         for name in ("batch_size", "max_genes", "prefetch_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoaderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.worker_chunk_batches < 0:
+            raise ValueError(f"LoaderConfig.worker_chunk_batches must be >= 0, got {self.worker_chunk_batches}")
         if self.num_workers < 0:
             raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
         try:
@@ -168,6 +173,7 @@ class CellStream(IterableDataset):
         self.cfg, self.epoch, self.plan, self.start_batch = cfg, epoch, plan, start_batch
         self.shards = manifest["shards"]
         self.shard_cells = [int(s["cells"]) for s in self.shards]
+        self.chunk = cfg.worker_chunk_batches or auto_chunk(self.shard_cells, cfg.batch_size)
         # Shared with the workers (fork or spawn): 1 where a shard was found bad. Read by stats().
         self.bad_flags = torch.zeros(len(self.shards), dtype=torch.int8).share_memory_()
 
@@ -245,16 +251,49 @@ class CellStream(IterableDataset):
         order = O.EpochOrder(self.shard_cells, self.cfg.seed, self.epoch)
         cache: dict[int, ShardCells] = {}
         bad: set[int] = {i for i in range(len(self.shards)) if int(self.bad_flags[i])}
-        for b in O.worker_batches(self.plan.num_batches, self.start_batch, worker, workers):
+        for b in O.worker_batches(self.plan.num_batches, self.start_batch, worker, workers, self.chunk):
             shard, cell = self._resolve(order, O.batch_positions(self.plan, b), cache, bad)
             used = set(shard.tolist())
             for s in [s for s in cache if s not in used]:  # spans move forward: keep only live shards
                 del cache[s]
             order.forget(used)
-            yield to_tensors(self._assemble(shard, cell, cache))
+            yield b, *pack_batch(self._assemble(shard, cell, cache))
 
 
 # --- the loader -----------------------------------------------------------------------------------
+
+def pack_batch(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list]:
+    """All arrays of a batch in one uint8 tensor: one shared-memory segment per batch instead of
+    one per key (moving a tensor between processes has a fixed cost that dominated at 8 keys)."""
+    layout, offset = [], 0
+    for key, arr in batch.items():
+        layout.append((key, arr.dtype.str, arr.shape, offset))
+        offset += -(-arr.nbytes // 8) * 8  # keep every array 8-byte aligned
+    buffer = np.empty(offset, dtype=np.uint8)
+    for (key, _, _, start), arr in zip(layout, batch.values()):
+        buffer[start : start + arr.nbytes] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return torch.from_numpy(buffer), layout
+
+
+def unpack_batch(buffer: torch.Tensor, layout: list) -> dict[str, torch.Tensor]:
+    """Views into the (possibly pinned) buffer; no copy."""
+    out = {}
+    for key, dtype, shape, start in layout:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        out[key] = buffer[start : start + n].view(_TORCH_DTYPES[dt.str]).reshape(shape)
+    return out
+
+
+_TORCH_DTYPES = {np.dtype(d).str: t for d, t in [(np.int64, torch.int64), (np.int32, torch.int32),
+                                                  (np.float32, torch.float32), (np.bool_, torch.bool)]}
+
+
+def auto_chunk(shard_cells: list[int], batch_size: int) -> int:
+    """About one shard's worth of batches per worker turn, so each shard is read by ~1 worker."""
+    mean = sum(shard_cells) / max(1, sum(1 for c in shard_cells if c))
+    return int(min(256, max(1, round(mean / batch_size))))
+
 
 def _fingerprint(manifest: dict) -> str:
     """Identifies the shard set, so a resume state is never applied to other data."""
@@ -270,7 +309,15 @@ class CellLoader:
         self.plan, self.epoch, self.start_batch = dataset.plan, dataset.epoch, dataset.start_batch
 
     def __iter__(self):
-        return iter(self.dataloader)
+        """Batches in index order, whatever order the workers deliver them in."""
+        expected, pending = self.start_batch, {}
+        for b, buffer, layout in self.dataloader:
+            pending[b] = unpack_batch(buffer, layout)
+            while expected in pending:
+                yield pending.pop(expected)
+                expected += 1
+        if pending or expected != self.plan.num_batches:
+            raise RuntimeError(f"loader ended at batch {expected} of {self.plan.num_batches} with {len(pending)} out of order")
 
     def __len__(self) -> int:
         return len(self.dataset)
