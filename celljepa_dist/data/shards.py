@@ -182,6 +182,7 @@ def write_shard(path: str | os.PathLike, cells: CellBlock, block_size: int = 102
             f.flush()
             os.fsync(f.fileno())
             digest = hw.sha.hexdigest()
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -287,3 +288,45 @@ def build_manifest(shards: list[dict], vocab_sha256: str, n_bins: int, source: d
     }
     manifest.update(extra)
     return manifest
+
+
+def validate_shards(shards_dir: str | os.PathLike, vocab_sha256: str | None = None,
+                    vocab_size: int | None = None, n_special: int = 3) -> list[str]:
+    """Check every shard against the manifest; returns faults (empty list: all good), each naming
+    the shard and what is wrong."""
+    shards_dir = Path(shards_dir)
+    try:
+        manifest = read_manifest(shards_dir)
+    except (FileNotFoundError, ValueError) as e:
+        return [str(e)]
+    faults = []
+    if vocab_sha256 is not None and manifest["vocab_sha256"] != vocab_sha256:
+        faults.append(f"{MANIFEST_NAME}: vocab sha256 {manifest['vocab_sha256'][:12]}... differs from the vocab "
+                      f"given ({vocab_sha256[:12]}...)")
+    n_bins = manifest["binning"]["n_bins"]
+    for entry in manifest["shards"]:
+        path = shards_dir / entry["name"]
+        if not path.exists():
+            faults.append(f"{entry['name']}: missing")
+            continue
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            faults.append(f"{entry['name']}: sha256 {digest[:12]}... != manifest {entry['sha256'][:12]}...")
+        try:
+            cells = read_shard(path)
+        except ValueError as e:
+            faults.append(str(e))
+            continue
+        if len(cells) != entry["cells"]:
+            faults.append(f"{entry['name']}: {len(cells)} cells, manifest says {entry['cells']}")
+        if len(cells.bins) and (cells.bins.min() < 1 or cells.bins.max() > n_bins - 1):
+            faults.append(f"{entry['name']}: bins outside 1..{n_bins - 1} ({cells.bins.min()}..{cells.bins.max()})")
+        if len(cells.genes) and cells.genes.min() < n_special:
+            faults.append(f"{entry['name']}: gene id {cells.genes.min()} is a special token")
+        if vocab_size is not None and len(cells.genes) and cells.genes.max() >= vocab_size:
+            faults.append(f"{entry['name']}: gene id {cells.genes.max()} >= vocab size {vocab_size}")
+        if np.any(np.diff(cells.offsets) == 0):
+            faults.append(f"{entry['name']}: holds a cell with no expressed gene")
+        if np.any(np.diff(cells.joinids) <= 0):
+            faults.append(f"{entry['name']}: joinids not strictly ascending")
+    return faults

@@ -1,0 +1,201 @@
+"""Shard-building job: cell source + vocab -> verified shards + one merged manifest.
+
+Shard i holds the filtered cells sorted by soma_joinid at positions [i*C, (i+1)*C) (C =
+cells_per_shard), fixed BEFORE empty cells are dropped, so the output does not depend on how many
+jobs build it: job I of K builds the shards with i % K == I. Each finished shard gets a small
+record in SHARDS/.parts/; whoever sees every record merges them into manifest.json (a pure
+function of the records, so two jobs merging at once write identical bytes). A re-run skips
+shards whose record and checksum verify, so a killed job resumes and ends byte-identical.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .binning import BINNING_RULE, bin_csr, check_n_bins
+from .shards import (CellBlock, build_manifest, manifest_bytes, read_manifest, sha256_file, shard_name,
+                     write_manifest, write_shard)
+from .vocab import GeneVocab, atomic_write_bytes
+
+PARTS_DIR = ".parts"
+BUILD_PARAMS = "build.json"
+
+
+@dataclass
+class ShardBuildConfig:
+    out: str
+    cells_per_shard: int = 20_000
+    block_size: int = 1024
+    n_bins: int = 51  # scGPT's n_bins: values 1..50, i.e. the paper's B = 50
+    num_jobs: int = 1
+    job_index: int = 0
+    min_gene_match: float = 0.5  # fraction of the source's genes that must be in the vocab
+
+    def validate(self) -> None:
+        if self.cells_per_shard < 1:
+            raise ValueError(f"cells_per_shard must be >= 1, got {self.cells_per_shard}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        check_n_bins(self.n_bins)
+        if self.num_jobs < 1:
+            raise ValueError(f"num_jobs must be >= 1, got {self.num_jobs}")
+        if not 0 <= self.job_index < self.num_jobs:
+            raise ValueError(f"job_index must be in 0..num_jobs-1 = 0..{self.num_jobs - 1}, got {self.job_index}")
+        if not 0 <= self.min_gene_match <= 1:
+            raise ValueError(f"min_gene_match must be in [0, 1], got {self.min_gene_match}")
+
+
+def map_source_genes(feature_ids: list[str], feature_names: list[str], vocab: GeneVocab,
+                     min_gene_match: float, where: str) -> tuple[np.ndarray, int]:
+    seen: dict[str, int] = {}
+    for i, fid in enumerate(feature_ids):
+        if fid in seen:
+            raise ValueError(f"{where}: duplicate feature_id {fid!r} (genes #{seen[fid]} and #{i})")
+        seen[fid] = i
+    tokens, unmatched = vocab.map_genes(feature_ids, feature_names)
+    matched = 1 - unmatched / max(len(feature_ids), 1)
+    if matched < min_gene_match:
+        raise ValueError(f"{where}: only {matched:.1%} of {len(feature_ids)} genes are in the vocab "
+                         f"(minimum {min_gene_match:.0%}); wrong vocab or gene id scheme?")
+    return tokens, unmatched
+
+
+def cells_to_block(joinids: np.ndarray, indptr: np.ndarray, gene_index: np.ndarray, values: np.ndarray,
+                   tokens: np.ndarray, meta: dict[str, list], n_bins: int, raw_check: bool,
+                   feature_ids: list[str], where: str) -> tuple[CellBlock, dict]:
+    """Validate, map genes to tokens, bin, and drop empty cells: one shard's worth of cells."""
+    values = np.asarray(values, dtype=np.float32)
+    row_of = np.repeat(np.arange(len(joinids)), np.diff(indptr))
+
+    def fail(mask: np.ndarray, what: str):
+        k = int(np.flatnonzero(mask)[0])
+        raise ValueError(f"{where}: cell soma_joinid={int(joinids[row_of[k]])}, gene {feature_ids[gene_index[k]]}: "
+                         f"value {values[k]!r} {what}")
+
+    bad = ~np.isfinite(values)
+    if bad.any():
+        fail(bad, "is not finite")
+    if (values < 0).any():
+        fail(values < 0, "is negative (counts must be >= 0)")
+    if raw_check and (values != np.round(values)).any():
+        fail(values != np.round(values), "is not an integer count (declared raw; pass --allow-non-integer if intended)")
+
+    tok = tokens[gene_index]
+    zeros = values == 0
+    unmatched = tok < 0
+    keep = ~zeros & ~unmatched
+    rows, tok, values = row_of[keep], tok[keep], values[keep]
+    if len(tok) > 1:
+        # Tokens ascend within a cell (the documented order); sort only if the vocab reorders genes.
+        same_row = rows[1:] == rows[:-1]
+        if (tok[1:][same_row] <= tok[:-1][same_row]).any():
+            order = np.argsort((rows.astype(np.int64) << 32) | tok.astype(np.int64), kind="stable")
+            rows, tok, values = rows[order], tok[order], values[order]
+    lengths = np.bincount(rows, minlength=len(joinids))
+    nonempty = lengths > 0
+    offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])]).astype(np.int64)
+    bins = bin_csr(offsets, values, n_bins)
+    kept = np.flatnonzero(nonempty)
+    block = CellBlock(offsets, tok.astype(np.int32), bins, values, np.asarray(joinids, np.int64)[kept],
+                      {k: [v[i] for i in kept] for k, v in meta.items()})
+    skipped = {"empty_cells": int((~nonempty).sum()), "explicit_zeros": int(zeros.sum()),
+               "entries_not_in_vocab": int((unmatched & ~zeros).sum())}
+    return block, skipped
+
+
+def _params(source, vocab: GeneVocab, cfg: ShardBuildConfig, n_cells: int) -> dict:
+    return {"vocab_sha256": vocab.sha256, "n_bins": cfg.n_bins, "rule": BINNING_RULE, "source": source.cfg.describe(),
+            "cells_per_shard": cfg.cells_per_shard, "block_size": cfg.block_size, "filtered_cells": int(n_cells),
+            "raw_check": bool(source.layer_is_raw)}
+
+
+def _check_params(out: Path, params: dict) -> None:
+    path = out / BUILD_PARAMS
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        if diff:
+            raise ValueError(f"{out} was built with different settings ({', '.join(diff)}): "
+                             f"use another --out or delete it")
+    else:
+        atomic_write_bytes(path, manifest_bytes(params))
+
+
+def _record_path(out: Path, i: int) -> Path:
+    return out / PARTS_DIR / (shard_name(i) + ".json")
+
+
+def _verified_record(out: Path, i: int) -> dict | None:
+    rec_path, tar_path = _record_path(out, i), out / shard_name(i)
+    if not (rec_path.exists() and tar_path.exists()):
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return rec if sha256_file(tar_path) == rec["sha256"] else None
+
+
+def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool = True) -> dict | None:
+    """Build this job's shards; return the merged manifest if every shard is now done, else None."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens, genes_unmatched = map_source_genes(source.feature_ids, source.feature_names, vocab,
+                                               cfg.min_gene_match, source.where)
+    obs = source.cells()
+    joinids = obs["soma_joinid"].to_numpy(np.int64)
+    meta_cols = [c for c in obs.columns if c != "soma_joinid"]
+    params = _params(source, vocab, cfg, len(joinids))
+    _check_params(out, params)
+    n_shards = -(-len(joinids) // cfg.cells_per_shard)
+    mine = range(cfg.job_index, n_shards, cfg.num_jobs)
+    bar = tqdm(total=sum(min(cfg.cells_per_shard, len(joinids) - i * cfg.cells_per_shard) for i in mine),
+               desc=f"shards job {cfg.job_index}/{cfg.num_jobs}", unit="cell", disable=not progress)
+    for i in mine:
+        a, b = i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids))
+        if _verified_record(out, i) is None:
+            rows = joinids[a:b]
+            indptr, gene_index, values = source.read_rows(rows)
+            meta = {c: obs[c].iloc[a:b].tolist() for c in meta_cols}
+            block, skipped = cells_to_block(rows, indptr, gene_index, values, tokens, meta, cfg.n_bins,
+                                            source.layer_is_raw, source.feature_ids, f"{source.where} -> {shard_name(i)}")
+            entry = write_shard(out / shard_name(i), block, cfg.block_size)
+            record = {**entry, "skipped": skipped, "first_joinid": int(rows[0]), "last_joinid": int(rows[-1])}
+            atomic_write_bytes(_record_path(out, i), manifest_bytes(record))
+        bar.update(b - a)
+    bar.close()
+    extra = {"labels": source.labels} if getattr(source, "labels", None) is not None else {}
+    return merge_manifest(out, params, n_shards, genes_unmatched, **extra)
+
+
+def merge_manifest(out: Path, params: dict, n_shards: int, genes_unmatched: int, **extra) -> dict | None:
+    records = []
+    for i in range(n_shards):
+        path = _record_path(out, i)
+        if not path.exists():
+            return None
+        records.append(json.loads(path.read_text()))
+    skipped = {"genes_not_in_vocab": int(genes_unmatched)}
+    for rec in records:
+        for k, v in rec["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    entries = [{"name": r["name"], "cells": r["cells"], "sha256": r["sha256"]} for r in records]
+    manifest = build_manifest(entries, params["vocab_sha256"], params["n_bins"], params["source"], skipped,
+                              cells_per_shard=params["cells_per_shard"], block_size=params["block_size"],
+                              filtered_cells=params["filtered_cells"], **extra)
+    write_manifest(out, manifest)
+    return read_manifest(out)
+
+
+def build_params_of(out: str | Path) -> dict:
+    return json.loads((Path(out) / BUILD_PARAMS).read_text())
+
+
+__all__ = ["ShardBuildConfig", "build_shards", "cells_to_block", "map_source_genes", "merge_manifest",
+           "build_params_of", "asdict"]
