@@ -8,7 +8,8 @@ import torch
 
 from celljepa_dist.data import order as O
 from celljepa_dist.data.shards import read_manifest, read_shard
-from celljepa_dist.data.stream import LoaderConfig, ShardError, build_loader, read_shard_cells
+from celljepa_dist.data.stream import (LoaderConfig, ShardError, build_loader, pack_batch, read_shard_cells,
+                                      unpack_batch)
 
 KEYS = ("gene_ids", "values", "target_values", "value_mask", "padding_mask", "lengths", "cell_ids", "labels")
 
@@ -90,6 +91,9 @@ def test_worker_count_and_batch_size_do_not_change_a_cells_tokens(tiny_shards):
     _, a = run(cfg_for(shards_dir, num_workers=0))
     _, b = run(cfg_for(shards_dir, num_workers=2, prefetch_factor=1))
     assert same(a, b)
+    _, b1 = run(cfg_for(shards_dir, num_workers=2, worker_chunk_batches=1))
+    _, b3 = run(cfg_for(shards_dir, num_workers=2, worker_chunk_batches=3))
+    assert same(a, b1) and same(a, b3)
     _, c = run(cfg_for(shards_dir, batch_size=5, num_workers=2))
 
     def per_cell(batches):
@@ -114,6 +118,15 @@ def test_resume_is_bit_exact(tiny_shards, workers_before, workers_after):
         resumed, rest = run(cfg_for(shards_dir, num_workers=workers_after), 1, 2, 1, resume=state)
         assert len(resumed) == len(full) - k and same(rest, full[k:])
         assert resumed.state_dict(len(rest))["batches_done"] == len(full)
+
+
+def test_pack_unpack_roundtrip():
+    rng = np.random.default_rng(0)
+    batch = {"a": rng.integers(0, 9, (3, 5)), "b": rng.random((3, 5)).astype(np.float32),
+             "c": rng.random((3, 5)) > 0.5, "d": rng.integers(0, 9, 3).astype(np.int32)}
+    buffer, layout = pack_batch(batch)
+    out = unpack_batch(buffer, layout)
+    assert all(np.array_equal(out[k].numpy(), v) and out[k].numpy().dtype == v.dtype for k, v in batch.items())
 
 
 def test_resume_refuses_a_different_run(tiny_shards):
