@@ -158,6 +158,9 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
     bar = tqdm(total=sum(min(cfg.cells_per_shard, len(joinids) - i * cfg.cells_per_shard) for i in mine),
                desc=f"shards job {cfg.job_index}/{cfg.num_jobs}", unit="cell", disable=not progress)
     for i in mine:
+        # A killed job leaves its temp file behind; only this job writes shard i, so it may remove it.
+        for stale in out.glob(f".{shard_name(i)}.*.tmp"):
+            stale.unlink(missing_ok=True)
         a, b = i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids))
         if _verified_record(out, i) is None:
             rows = joinids[a:b]
