@@ -250,7 +250,8 @@ def test_bad_masks_are_rejected():
 # ---- GPU: the real kernels --------------------------------------------------------------------
 
 
-def _gpu_compare(backend, dtype, atol):
+def _gpu_compare(backend, tol):
+    """Relative L2 error of the hidden states and of every weight gradient."""
     torch.manual_seed(0)
     b = make_batch(seed=7, lengths=[601, 300, 17, 1, 601, 450], mask_ratio=0.15)
     b = {k: v.cuda() for k, v in b.items()}
@@ -262,22 +263,24 @@ def _gpu_compare(backend, dtype, atol):
     for be in ("reference", backend):
         enc.backend = be
         enc.zero_grad()
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            hidden = enc(b["gene_ids"], b["values"], b["padding_mask"], b["value_mask"])
+        hidden = enc(b["gene_ids"], b["values"], b["padding_mask"], b["value_mask"])
         (hidden.float() * weight).sum().backward()
         results[be] = (hidden.float().detach(), {n: p.grad.clone() for n, p in enc.named_parameters()})
-    torch.testing.assert_close(results[backend][0], results["reference"][0], atol=atol, rtol=atol)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp(min=1e-6))
+
+    assert rel(results[backend][0], results["reference"][0]) < tol
     for name, g in results["reference"][1].items():
-        rel = (results[backend][1][name] - g).norm() / g.norm().clamp(min=1e-6)
-        assert rel < atol, (name, float(rel))
+        assert rel(results[backend][1][name], g) < tol, name
 
 
 @pytest.mark.gpu
 def test_flash_attn_backend_matches_reference_on_gpu():
     pytest.importorskip("flash_attn")
-    _gpu_compare("flash", torch.float32, 3e-2)  # flash runs bf16 inside: bf16-level tolerance
+    _gpu_compare("flash", 2e-2)  # flash runs bf16 inside: bf16-level tolerance
 
 
 @pytest.mark.gpu
 def test_flex_backend_matches_reference_on_gpu():
-    _gpu_compare("flex", torch.float32, 1e-3)
+    _gpu_compare("flex", 1e-3)
