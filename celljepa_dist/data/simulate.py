@@ -136,16 +136,22 @@ def simulate_block(world: CensusWorld, block: int, n_cells: int):
     # Census joinids come grouped by dataset: give each run of SEGMENT_CELLS cells one dataset.
     n_seg = -(-n_cells // SEGMENT_CELLS)
     ds_idx = np.repeat(rng.choice(len(world.datasets), size=n_seg, p=weights / weights.sum()), SEGMENT_CELLS)[:n_cells]
-    donor_idx = np.array([rng.integers(len(world.datasets[d]["donors"])) for d in ds_idx], dtype=np.int64)
-    type_idx = np.array([world.datasets[d]["types"][rng.choice(len(world.datasets[d]["types"]),
-                                                                p=world.datasets[d]["composition"])] for d in ds_idx])
-    library = np.array([world.datasets[d]["library"] for d in ds_idx]) * np.exp(rng.normal(0, cfg.library_sd, n_cells))
+    n_donors = np.array([len(d["donors"]) for d in world.datasets])
+    donor_idx = np.floor(rng.random(n_cells) * n_donors[ds_idx]).astype(np.int64)
+    u_type = rng.random(n_cells)
+    type_idx = np.zeros(n_cells, dtype=np.int64)
+    for d, ds in enumerate(world.datasets):
+        sel = ds_idx == d
+        local = np.minimum(np.searchsorted(np.cumsum(ds["composition"]), u_type[sel], side="right"), len(ds["types"]) - 1)
+        type_idx[sel] = np.asarray(ds["types"])[local]
+    library = np.array([d["library"] for d in world.datasets])[ds_idx] * np.exp(rng.normal(0, cfg.library_sd, n_cells))
     profiles = np.stack([world.profile(d, k, t) for d, k, t in zip(ds_idx, donor_idx, type_idx)])
     mu = profiles * library.astype(np.float32)[:, None]
     u = rng.random(mu.shape, dtype=np.float32)
     nonzero = mu * (1 - u) > u  # u < mu / (1 + mu)
-    rows, cols = np.nonzero(nonzero)
-    mu_nz = mu[rows, cols].astype(np.float64)
+    flat = np.flatnonzero(nonzero)
+    cols = flat % mu.shape[1]
+    mu_nz = mu.ravel()[flat].astype(np.float64)
     counts = rng.geometric(1.0 / (1.0 + mu_nz)).astype(np.float32)
     indptr = np.concatenate([[0], np.cumsum(nonzero.sum(1))]).astype(np.int64)
 
@@ -167,14 +173,14 @@ def simulate_block(world: CensusWorld, block: int, n_cells: int):
         indptr = np.concatenate([[0], np.cumsum(lengths[row_src])]).astype(np.int64)
         ds_idx, donor_idx, type_idx = ds_idx[row_src], donor_idx[row_src], type_idx[row_src]
 
-    obs = {col: [] for col in OBS_STRING_COLUMNS}
-    for i, (d, k, t) in enumerate(zip(ds_idx, donor_idx, type_idx)):
-        ds = world.datasets[d]
-        obs["dataset_id"].append(ds["dataset_id"] if is_primary[i] else world.dup_dataset_id[ds["tissue_general"]])
-        obs["donor_id"].append(ds["donors"][k])
-        obs["cell_type"].append(world.cell_types[t])
-        for col in ("assay", "tissue", "tissue_general", "disease", "suspension_type"):
-            obs[col].append(ds[col])
+    def column(name):
+        return np.array([d[name] for d in world.datasets], dtype=object)[ds_idx]
+
+    obs = {col: column(col) for col in ("assay", "tissue", "tissue_general", "disease", "suspension_type")}
+    obs["dataset_id"] = np.where(is_primary, column("dataset_id"),
+                                 np.array([world.dup_dataset_id[t] for t in obs["tissue_general"]], dtype=object))
+    obs["donor_id"] = np.array([world.datasets[d]["donors"][k] for d, k in zip(ds_idx, donor_idx)], dtype=object)
+    obs["cell_type"] = np.array(world.cell_types, dtype=object)[type_idx]
     obs["is_primary_data"] = is_primary
     return obs, indptr, cols.astype(np.int64), counts
 
