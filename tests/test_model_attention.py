@@ -284,3 +284,30 @@ def test_flash_attn_backend_matches_reference_on_gpu():
 @pytest.mark.gpu
 def test_flex_backend_matches_reference_on_gpu():
     _gpu_compare("flex", 1e-3)
+
+
+def test_flash_path_casts_fp32_models_to_bf16_for_low_precision_kernels(monkeypatch):
+    """flash-attn runs bf16 only: with such kernels an fp32 model still trains, at bf16 accuracy."""
+    from dataclasses import replace
+
+    import celljepa_dist.model.encoder as encoder_mod
+
+    bf16_only = replace(TORCH_KERNELS, name="torch-bf16", low_precision_only=True)
+    monkeypatch.setattr(encoder_mod, "resolve_kernels", lambda choice, device: bf16_only)
+    torch.manual_seed(0)
+    b = make_batch(seed=8)
+    enc = CellEncoder(tiny_cfg())
+    weight = torch.randn(*b["gene_ids"].shape, 32)
+    grads = {}
+    for be in ("reference", "flash"):
+        enc.backend = be
+        enc.zero_grad()
+        hidden = enc(b["gene_ids"], b["values"], b["padding_mask"], b["value_mask"])
+        assert hidden.dtype == torch.float32
+        (hidden * weight).sum().backward()
+        grads[be] = (hidden.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()})
+    rel = lambda a, r: float((a - r).norm() / r.norm())  # noqa: E731
+    assert rel(grads["flash"][0], grads["reference"][0]) < 2e-2
+    for name, g in grads["reference"][1].items():
+        assert rel(grads["flash"][1][name], g) < 3e-2, name
+    assert rel(grads["flash"][0], grads["reference"][0]) > 0  # it really ran in bf16
