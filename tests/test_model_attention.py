@@ -311,3 +311,18 @@ def test_flash_path_casts_fp32_models_to_bf16_for_low_precision_kernels(monkeypa
     for name, g in grads["reference"][1].items():
         assert rel(grads["flash"][1][name], g) < 3e-2, name
     assert rel(grads["flash"][0], grads["reference"][0]) > 0  # it really ran in bf16
+
+
+@pytest.mark.parametrize("backend,builder", [("flex", "build_flex_block_mask"), ("flash", "build_varlen_layout"),
+                                             ("sdpa", "build_sdpa_mask")])
+def test_mask_structure_is_built_once_per_batch(monkeypatch, backend, builder):
+    import celljepa_dist.model.attention as attention_mod
+
+    calls = []
+    original = getattr(attention_mod, builder)
+    monkeypatch.setattr(attention_mod, builder, lambda *a, **k: calls.append(1) or original(*a, **k))
+    b = make_batch(seed=9)
+    enc = CellEncoder(tiny_cfg(n_layers=3, attention_backend=backend, flash_kernel="torch")).eval()
+    with torch.no_grad():
+        enc(b["gene_ids"], b["values"], b["padding_mask"], b["value_mask"])
+    assert len(calls) == 1
