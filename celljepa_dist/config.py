@@ -169,6 +169,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide run files from other users of a shared cluster
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ import torch.distributed as dist
 from celljepa_dist.config import atomic_write_text
 
 COMMIT_MARKER = "COMMITTED"
+# Test hook: rank 0 SIGKILLs itself in the one window where a save is complete on disk but not
+# committed. Tests use it to prove a half-finished save is never resumed from.
+KILL_BEFORE_COMMIT_ENV = "CELLJEPA_KILL_BEFORE_COMMIT"
 ENGINE_TAG = "engine"
 
 
@@ -115,6 +119,8 @@ class CheckpointManager:
             state = {**train_state, "world_size": self.world_size, "has_teacher": teacher is not None}
             atomic_write_text(d / "train_state.json", json.dumps(state, indent=2))
         _barrier()  # every rank's files are on disk before the marker
+        if self.rank == 0 and os.environ.get(KILL_BEFORE_COMMIT_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)  # fault-injection point for the crash-during-save test
         if self.rank == 0:
             atomic_write_text(d / COMMIT_MARKER, json.dumps({"step": step, "world_size": self.world_size}))
             self._prune(keep=d)

@@ -28,6 +28,7 @@ from celljepa_dist.train.engine import build_ds_config, init_distributed, initia
 from celljepa_dist.train.teacher import Teacher
 
 LOSS_LOG = "losses.jsonl"
+PROGRESS_FILE = "progress.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -265,6 +266,8 @@ def run(cfg: TrainConfig) -> RunResult:
                     metrics["mfu"] = fpt * tokens / elapsed / (cfg.tracking.peak_tflops * 1e12 * info.world_size)
                 if losslog is not None:
                     losslog.add(record)
+                    # Heartbeat for watchdogs (and the kill test): where the run is right now.
+                    atomic_write_text(run_dir / PROGRESS_FILE, json.dumps({"step": step, "epoch": epoch}))
                 if step % cfg.tracking.log_every == 0 and step > last_logged:
                     tracker.log_step(step, metrics)
                 if progress is not None:

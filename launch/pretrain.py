@@ -1,0 +1,55 @@
+"""Pre-train Cell-JEPA (or the scGPT baseline) with DeepSpeed.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny_cpu.yaml --set objective=scgpt
+    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/pretrain_kidney.yaml
+    python launch/pretrain.py --config configs/tiny_cpu.yaml          # one rank
+    ... --resume auto                                                   # newest committed checkpoint
+
+On CPU set DS_ACCELERATOR=cpu (ranks talk over gloo).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from celljepa_dist.config import load_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", default=None, help="'auto' (newest committed checkpoint) or a checkpoint dir")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: local sqlite store)")
+    p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=...")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.tracking_uri is not None:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.run_dir is not None:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    cfg = load_config(args.config, overrides)
+
+    from celljepa_dist.train.loop import run
+
+    result = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = result.checkpoints[-1] if result.checkpoints else None
+        print(f"pretrain done: step={result.final_step} checkpoint={last} mlflow_run_id={result.mlflow_run_id}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Fault tolerance of real 2-rank CPU pre-training runs (deepspeed launcher, gloo, fp32).
+
+* SIGKILL of the whole job mid-epoch, then `--resume auto`: the same per-step losses and
+  bit-identical final student and teacher weights as an uninterrupted run; the MLflow run is
+  continued with every step logged exactly once.
+* SIGKILL inside a save (after every rank wrote its files, before the commit marker): the resume
+  starts from the previous committed checkpoint.
+* Resume requested with nothing committed: an error, never a silent fresh start.
+* A non-finite loss stops the run before the optimiser step, naming the step, with the
+  committed checkpoints intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+_PORT = [29800]
+
+
+def _cmd(config: Path, run_dir: Path, shards: Path, vocab: Path, sets: list[str], ranks: int = 2) -> list[str]:
+    _PORT[0] += 1
+    base = [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}"]
+    args = [str(REPO / "launch" / "pretrain.py"), "--config", str(config)]
+    for s in base + sets:
+        args += ["--set", s]
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_PORT[0])] + args
+
+
+def _env(extra: dict | None = None) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def run_job(cmd, extra_env=None, timeout=400) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(extra_env), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+FAULT_SETS = ["epochs=2", "data.batch_size=8", "checkpoint.every_steps=10", "checkpoint.keep_last=2",
+              "deterministic=true", "deepspeed.zero_stage=1", "tracking.progress=false"]
+TOTAL_STEPS = 36  # 300 cells / (2 ranks x 8) = 18 batches per epoch, 2 epochs
+
+
+@pytest.fixture
+def fault_setup(tiny_shards, tmp_path):
+    shards, vocab = tiny_shards
+    return REPO / "configs" / "tiny_cpu.yaml", shards, vocab, tmp_path
+
+
+def _final_weights(run_dir: Path) -> tuple[dict, dict]:
+    """fp32 student reconstructed by DeepSpeed's own zero_to_fp32; teacher from its files."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    d = run_dir / "checkpoints" / f"step_{TOTAL_STEPS:08d}"
+    student = get_fp32_state_dict_from_zero_checkpoint(str(d / "engine"), tag="engine")
+    teacher = {}
+    for f in sorted((d / "teacher").glob("*.pt")):
+        saved = torch.load(f, map_location="cpu", weights_only=True)
+        if "state_dict" in saved:
+            teacher.update(saved["state_dict"])
+        else:  # ZeRO-3: this rank's flat shard of every parameter
+            teacher.update({f"{f.stem}.{i}": t for i, t in enumerate(saved["shards"])})
+    return student, teacher
+
+
+def _losses(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+
+
+def _mlflow_steps(run_dir: Path, key: str = "loss") -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    saved = json.loads((run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=saved["tracking_uri"])
+    return sorted(m.step for m in client.get_metric_history(saved["run_id"], key))
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [1, pytest.param(3, marks=pytest.mark.slow)])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(fault_setup, stage):
+    config, shards, vocab, tmp = fault_setup
+    ref_dir, kill_dir = tmp / "ref", tmp / "killed"
+    sets = [s for s in FAULT_SETS if not s.startswith("deepspeed.zero_stage")] + [f"deepspeed.zero_stage={stage}"]
+
+    ref = run_job(_cmd(config, ref_dir, shards, vocab, sets))
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+
+    # Kill the whole job (both ranks and the launcher) once step 13 is done: mid-epoch 0,
+    # 3 steps past the committed checkpoint at step 10.
+    proc = subprocess.Popen(_cmd(config, kill_dir, shards, vocab, sets), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, progress = time.time() + 300, kill_dir / "progress.json"
+    while time.time() < deadline:
+        if progress.exists() and json.loads(progress.read_text())["step"] >= 13:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = json.loads(progress.read_text())["step"]
+    assert 13 <= killed_at < 18, f"killed at step {killed_at}: not mid-epoch past the checkpoint"
+    committed = sorted(p.parent.name for p in (kill_dir / "checkpoints").glob("*/COMMITTED"))
+    assert committed == ["step_00000010"]
+    run_id_before = json.loads((kill_dir / "mlflow_run.json").read_text())["run_id"]
+
+    resumed = run_job(_cmd(config, kill_dir, shards, vocab, sets + ["checkpoint.resume=auto"]))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_00000010" in resumed.stdout
+
+    ref_losses, got_losses = _losses(ref_dir), _losses(kill_dir)
+    assert [r["step"] for r in ref_losses] == list(range(1, TOTAL_STEPS + 1))
+    assert got_losses == ref_losses  # every step, every term, bit for bit (JSON floats round-trip)
+    ref_student, ref_teacher = _final_weights(ref_dir)
+    got_student, got_teacher = _final_weights(kill_dir)
+    assert ref_student.keys() == got_student.keys() and ref_teacher.keys() == got_teacher.keys()
+    for k in ref_student:
+        assert torch.equal(ref_student[k], got_student[k]), f"student {k} differs after resume"
+    for k in ref_teacher:
+        assert torch.equal(ref_teacher[k], got_teacher[k]), f"teacher {k} differs after resume"
+    if stage != 3:  # the teacher lags the student (EMA), so comparing both is not redundant
+        assert not torch.equal(ref_teacher["embed.gene.embedding.weight"],
+                               ref_student["student.embed.gene.embedding.weight"])
+
+    # Same MLflow run, each step once; keep-last-2 pruning left the newest two committed.
+    assert json.loads((kill_dir / "mlflow_run.json").read_text())["run_id"] == run_id_before
+    assert _mlflow_steps(kill_dir) == list(range(1, TOTAL_STEPS + 1))
+    assert _mlflow_steps(ref_dir) == list(range(1, TOTAL_STEPS + 1))
+    committed = sorted(p.parent.name for p in (kill_dir / "checkpoints").glob("*/COMMITTED"))
+    assert committed == ["step_00000030", f"step_{TOTAL_STEPS:08d}"]
+    assert (kill_dir / "config.yaml").exists() and (kill_dir / "ds_config.json").exists()
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_kill_during_save_resumes_from_previous_commit(fault_setup):
+    config, shards, vocab, tmp = fault_setup
+    run_dir = tmp / "run"
+    sets = FAULT_SETS + ["epochs=1", "checkpoint.every_steps=6"]
+    crashed = run_job(_cmd(config, run_dir, shards, vocab, sets), extra_env={"CELLJEPA_KILL_BEFORE_COMMIT": "12"})
+    assert crashed.returncode != 0
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "step_00000006" / "COMMITTED").exists()
+    half = ckpts / "step_00000012"
+    assert half.is_dir() and (half / "rank_0.pt").exists() and (half / "rank_1.pt").exists()
+    assert not (half / "COMMITTED").exists()
+
+    resumed = run_job(_cmd(config, run_dir, shards, vocab, sets + ["checkpoint.resume=auto"]))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_00000006" in resumed.stdout
+    assert [r["step"] for r in _losses(run_dir)] == list(range(1, 19))
+    assert (ckpts / "step_00000018" / "COMMITTED").exists()
+
+
+@pytest.mark.multiproc
+def test_resume_without_committed_checkpoint_is_an_error(fault_setup):
+    config, shards, vocab, tmp = fault_setup
+    run_dir = tmp / "nothing"
+    (run_dir / "checkpoints" / "step_00000005").mkdir(parents=True)  # an uncommitted leftover
+    proc = run_job(_cmd(config, run_dir, shards, vocab, FAULT_SETS + ["checkpoint.resume=auto"], ranks=1))
+    assert proc.returncode != 0
+    assert "no committed checkpoint" in proc.stdout + proc.stderr
+    assert not (run_dir / "losses.jsonl").exists()  # nothing trained
+
+
+@pytest.mark.multiproc
+def test_nonfinite_loss_stops_before_the_step_with_checkpoints_intact(fault_setup):
+    config, shards, vocab, tmp = fault_setup
+    run_dir = tmp / "nan"
+    # An absurd learning rate blows the weights up at the first step; step 2's loss is not finite.
+    sets = FAULT_SETS + ["epochs=1", "checkpoint.every_steps=1", "optim.lr=1e30", "optim.grad_clip=0"]
+    proc = run_job(_cmd(config, run_dir, shards, vocab, sets))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "non-finite" in out and "at step 1" in out and "stopped before the optimiser step" in out
+    committed = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("*/COMMITTED"))
+    assert committed == ["step_00000001"]
+    state = json.loads((run_dir / "checkpoints" / "step_00000001" / "train_state.json").read_text())
+    assert state["step"] == 1
