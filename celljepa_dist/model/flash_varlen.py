@@ -77,15 +77,31 @@ def build_varlen_layout(padding_mask: torch.Tensor, value_mask: Optional[torch.T
     )
 
 
-# ---- pure-PyTorch varlen kernels (dense block-diagonal; for CPU tests and debugging) ----------
+# ---- pure-PyTorch varlen kernels (padded per cell; for CPU tests and debugging) ----------------
 
 
-def _segment_scores(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale):
-    seg_q = torch.repeat_interleave(torch.arange(len(cu_seqlens_q) - 1, device=q.device), cu_seqlens_q.diff())
-    seg_k = torch.repeat_interleave(torch.arange(len(cu_seqlens_k) - 1, device=k.device), cu_seqlens_k.diff())
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * softmax_scale
-    same_cell = seg_q[:, None] == seg_k[None, :]
-    return scores.masked_fill(~same_cell, float("-inf")), same_cell
+def _rows(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cell, position in cell) of every packed row."""
+    counts = cu_seqlens.diff().long()
+    cell = torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts)
+    pos = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - cu_seqlens[:-1].long()[cell]
+    return cell, pos
+
+
+def _padded(x: torch.Tensor, rows, n_cells: int, max_len: int) -> torch.Tensor:
+    out = x.new_zeros((n_cells, max_len) + tuple(x.shape[1:]), dtype=torch.float32)
+    out[rows] = x.float()
+    return out
+
+
+def _padded_scores(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+    n_cells = len(cu_seqlens_q) - 1
+    rows_q, rows_k = _rows(cu_seqlens_q), _rows(cu_seqlens_k)
+    qp, kp = _padded(q, rows_q, n_cells, max_seqlen_q), _padded(k, rows_k, n_cells, max_seqlen_k)
+    key_valid = torch.zeros(n_cells, max_seqlen_k, dtype=torch.bool, device=q.device)
+    key_valid[rows_k] = True
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) * softmax_scale
+    return scores.masked_fill(~key_valid[:, None, None, :], float("-inf")), qp, kp, rows_q, rows_k
 
 
 def _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes):
@@ -98,28 +114,36 @@ def torch_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                          alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
                          seqused_k=None):
     _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
-    scores, same_cell = _segment_scores(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale)
-    lse = torch.logsumexp(scores, dim=-1)  # [H, Tq]; -inf for a query with no keys
-    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~same_cell, 0.0).nan_to_num(0.0)
-    out = torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
-    return out, lse, torch.empty(0, dtype=q.dtype), None
+    scores, _, _, rows_q, rows_k = _padded_scores(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  softmax_scale)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]; -inf for a query with no keys
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    vp = _padded(v, rows_k, len(cu_seqlens_q) - 1, max_seqlen_k)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vp)[rows_q].to(q.dtype)
+    lse_packed = lse[rows_q[0], :, rows_q[1]].transpose(0, 1).contiguous()  # [H, total_q] as flash
+    return out, lse_packed, torch.empty(0, dtype=q.dtype), None
 
 
 def torch_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                           max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left,
                           window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
     _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
-    scores, same_cell = _segment_scores(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+    n_cells = len(cu_seqlens_q) - 1
+    scores, qp, kp, rows_q, rows_k = _padded_scores(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                    max_seqlen_k, softmax_scale)
     # Probabilities from the lse we are given, as flash does: that is what makes the merge work.
-    probs = torch.exp(scores - softmax_lse.unsqueeze(-1)).masked_fill(~same_cell, 0.0).nan_to_num(0.0)
-    dout32 = dout.float()
-    softmax_d = (dout32 * out.float()).sum(-1).transpose(0, 1)  # [H, Tq] = rowsum(dout * out)
-    dprobs = torch.einsum("qhd,khd->hqk", dout32, v.float())
-    dscores = probs * (dprobs - softmax_d.unsqueeze(-1))
-    dq.copy_(torch.einsum("hqk,khd->qhd", dscores, k.float()) * softmax_scale)
-    dk.copy_(torch.einsum("hqk,qhd->khd", dscores, q.float()) * softmax_scale)
-    dv.copy_(torch.einsum("hqk,qhd->khd", probs, dout32))
-    return softmax_d
+    lse = torch.full((n_cells, scores.shape[1], max_seqlen_q), float("inf"), device=q.device)
+    lse[rows_q[0], :, rows_q[1]] = softmax_lse.transpose(0, 1).float()
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    dout_p, vp = _padded(dout, rows_q, n_cells, max_seqlen_q), _padded(v, rows_k, n_cells, max_seqlen_k)
+    softmax_d = (dout.float() * out.float()).sum(-1)  # [total_q, H] = rowsum(dout * out)
+    d_p = torch.zeros(n_cells, scores.shape[1], max_seqlen_q, device=q.device)
+    d_p[rows_q[0], :, rows_q[1]] = softmax_d
+    dscores = probs * (torch.einsum("bqhd,bkhd->bhqk", dout_p, vp) - d_p.unsqueeze(-1))
+    dq.copy_(torch.einsum("bhqk,bkhd->bqhd", dscores, kp)[rows_q] * softmax_scale)
+    dk.copy_(torch.einsum("bhqk,bqhd->bkhd", dscores, qp)[rows_k] * softmax_scale)
+    dv.copy_(torch.einsum("bhqk,bqhd->bkhd", probs, dout_p)[rows_k])
+    return softmax_d.transpose(0, 1)
 
 
 TORCH_KERNELS = VarlenKernels(torch_varlen_forward, torch_varlen_backward, "torch", low_precision_only=False)
