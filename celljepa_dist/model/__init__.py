@@ -15,6 +15,7 @@ from .ema import EMAConfig, ema_update_, encoder_params, make_teacher, momentum_
 from .encoder import CellEncoder
 from .heads import JEPAPredictor, MVCHead, ValueHead
 from .losses import ecs_scgpt_loss, ecs_supcon_loss, jepa_cosine_loss, masked_mse, mse
+from .pretrained import from_pretrained, load_encoder, save_pretrained
 
 __all__ = [
     "AttentionMask", "KnownUnknownAttention", "allowed_keys", "build_attention_mask",
@@ -22,4 +23,5 @@ __all__ = [
     "LossConfig", "ModelConfig", "EMAConfig", "ema_update_", "encoder_params", "make_teacher",
     "momentum_at", "momentum_schedule", "CellEncoder", "JEPAPredictor", "MVCHead", "ValueHead",
     "ecs_scgpt_loss", "ecs_supcon_loss", "jepa_cosine_loss", "masked_mse", "mse",
+    "from_pretrained", "load_encoder", "save_pretrained",
 ]
