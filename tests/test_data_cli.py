@@ -62,3 +62,16 @@ def test_clear_errors_for_missing_inputs(tmp_path):
     assert r.returncode == 2 and "v.json" in r.stderr
     r = cli("validate_shards.py", tmp_path)
     assert r.returncode == 1 and "manifest not found" in r.stderr
+
+
+def test_demo_runs_and_reruns_idempotently(tmp_path):
+    cmd = [sys.executable, str(REPO / "launch" / "demo.py"), "--out", str(tmp_path / "demo"), "--cells", "2500",
+           "--cells-per-shard", "300"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "validated" in r.stdout and (tmp_path / "demo" / "shards_summary.png").stat().st_size > 10_000
+    shards = sorted((tmp_path / "demo" / "shards").glob("shard-*.tar"))
+    before = {p.name: p.stat().st_mtime_ns for p in shards}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in shards} == before
