@@ -305,7 +305,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: top level must be a mapping")
     for assignment in overrides:
         apply_override(data, TrainConfig, assignment)
-    if isinstance(data.get("loss"), dict) and "objective" in data["loss"]:
+    loss = data.get("loss")
+    if isinstance(loss, dict) and loss.get("objective", data.get("objective", "celljepa")) != data.get("objective", "celljepa"):
         raise ConfigError("loss.objective: set the top-level `objective` instead (the loss section follows it)")
     try:
         cfg = from_dict(TrainConfig, data)
