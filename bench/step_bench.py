@@ -11,7 +11,6 @@ Last line: `step_bench cells_per_s=<x> ratio_vs_naive=<y>`.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
