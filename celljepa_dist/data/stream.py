@@ -96,6 +96,20 @@ class ShardCells:
     labels: np.ndarray
 
 
+def _npy_view(data: bytes) -> np.ndarray:
+    """A read-only array over the bytes of a .npy member (np.load would copy them once more)."""
+    f = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran or dtype.hasobject:
+        raise ValueError("not a plain C-order numeric array")
+    count = int(np.prod(shape))
+    if len(data) - f.tell() != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - f.tell()} data bytes for {count} items of {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
+
+
 def _decode(sample: dict, where: str) -> tuple:
     key = sample.get("__key__")
     missing = [m for m in _NEEDED if m not in sample]
@@ -104,7 +118,7 @@ def _decode(sample: dict, where: str) -> tuple:
     arrays = []
     for member, dtype in _DTYPES.items():
         try:
-            arr = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+            arr = _npy_view(sample[member])
         except Exception as e:
             raise ShardError(f"{where}: block {key} member {member} does not decode ({e})") from None
         if arr.dtype != dtype or arr.ndim != 1:
@@ -289,6 +303,10 @@ _TORCH_DTYPES = {np.dtype(d).str: t for d, t in [(np.int64, torch.int64), (np.in
                                                   (np.float32, torch.float32), (np.bool_, torch.bool)]}
 
 
+def _as_is(item):
+    return item  # the default (default_convert) walks every element of the layout list
+
+
 def auto_chunk(shard_cells: list[int], batch_size: int) -> int:
     """About one shard's worth of batches per worker turn, so each shard is read by ~1 worker."""
     mean = sum(shard_cells) / max(1, sum(1 for c in shard_cells if c))
@@ -382,7 +400,7 @@ def build_loader(cfg: LoaderConfig, rank: int, world_size: int, epoch: int,
     kwargs = {}
     if cfg.num_workers > 0:
         kwargs = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False}
-    dataloader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+    dataloader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=_as_is,
                             pin_memory=cfg.pin_memory and torch.cuda.is_available(), **kwargs)
     loader = CellLoader(dataset, dataloader, fingerprint)
     return loader, len(loader)
