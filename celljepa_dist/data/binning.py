@@ -47,38 +47,38 @@ def bin_csr_reference(indptr: np.ndarray, values: np.ndarray, n_bins: int) -> np
     return out
 
 
-def _within_row_cumcount(positions: np.ndarray, starts: np.ndarray, lengths: np.ndarray, nnz: int) -> np.ndarray:
-    """For every slot j of every row: how many of `positions` (already global, inside their row) are <= j."""
-    hits = np.bincount(positions, minlength=nnz)[:nnz]
-    total = np.cumsum(hits)
-    before_row = (total - hits)[starts]
-    return total - np.repeat(before_row, lengths)
+def bin_csr(indptr: np.ndarray, values: np.ndarray, n_bins: int, check: bool = True) -> np.ndarray:
+    """Bins (uint8, aligned with `values`) for every row of a CSR chunk; values must be > 0 and finite.
 
-
-def bin_csr(indptr: np.ndarray, values: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bins (uint8, aligned with `values`) for every row of a CSR chunk; values must be > 0 and finite."""
+    Work per element is one sort and a few linear passes; everything else is per run of equal
+    values (integer counts have few distinct values per cell) or per edge."""
     check_n_bins(n_bins)
     indptr = np.asarray(indptr, dtype=np.int64)
     values = np.ascontiguousarray(values, dtype=np.float32)
     nnz = len(values)
     if nnz == 0:
         return np.zeros(0, dtype=np.uint8)
-    if not (np.isfinite(values).all() and (values > 0).all()):
+    if check and not (np.isfinite(values).all() and (values > 0).all()):
         bad = int(np.flatnonzero(~(np.isfinite(values) & (values > 0)))[0])
         row = int(np.searchsorted(indptr, bad, side="right") - 1)
         raise ValueError(f"bin_csr: row {row} has a non-positive or non-finite value {values[bad]!r}")
     lengths = np.diff(indptr)
-    n_rows = len(lengths)
-    rows = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)
-    # Positive float32 bit patterns sort like the floats, so one int64 key orders (row, value).
-    key = (rows << 32) | values.view(np.uint32).astype(np.int64)
-    order = np.argsort(key, kind="stable")
-    s = values[order]
-
     keep = lengths > 0
     starts = indptr[:-1][keep]
     n = lengths[keep]
-    q = np.linspace(0, 1, n_bins - 1)
+    n_edges = n_bins - 1
+    # Positive float32 bit patterns sort like the floats, so one int64 key orders (row, value).
+    key = np.repeat(np.arange(len(starts), dtype=np.int64) << 32, n)
+    key |= values.view(np.uint32)
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    new_run = np.empty(nnz, dtype=bool)
+    new_run[0] = True
+    np.not_equal(skey[1:], skey[:-1], out=new_run[1:])
+    run_starts = np.flatnonzero(new_run)  # runs of equal values never cross rows (row is in the key)
+    n_runs = len(run_starts)
+
+    q = np.linspace(0, 1, n_edges)
     # numpy's 'linear' quantile: virtual index (n-1)*q, lerp between floor and floor+1, and the
     # last value when the index reaches n-1. Same dtypes as numpy (float32 data, float64 q).
     virtual = (n - 1)[:, None] * q[None, :]
@@ -89,29 +89,32 @@ def bin_csr(indptr: np.ndarray, values: np.ndarray, n_bins: int) -> np.ndarray:
     gamma = np.where(at_end, 0.0, virtual - prev)
     lo = starts[:, None] + prev_idx
     hi = starts[:, None] + next_idx
-    a, b = s[lo], s[hi]
+    a, b = values[order[lo]], values[order[hi]]
     diff = b - a
     edges = a + diff * gamma
     upper = gamma >= 0.5
     edges[upper] = (b - diff * (1 - gamma))[upper]
 
-    # Runs of equal values within a row give "how many values < e" and "<= e" for an edge e
-    # that lies in [s[lo], s[hi]].
-    new_run = np.ones(nnz, dtype=bool)
-    new_run[1:] = (s[1:] != s[:-1]) | (rows[1:] != rows[:-1])
-    run_starts = np.flatnonzero(new_run)
-    run_id = np.cumsum(new_run) - 1
-    run_ends = np.append(run_starts[1:], nnz)
+    # An edge e lies in [s[lo], s[hi]] (s = the row sorted). "Values < e" ends, and "values <= e"
+    # ends, at run boundaries: the run of s[lo] (if e equals it), of s[hi] (if e equals it), or
+    # between lo and hi. Express both as run indices.
+    run_lo = np.searchsorted(run_starts, lo, side="right") - 1
+    run_hi = np.searchsorted(run_starts, hi, side="right") - 1
     eq_lo = edges == a
     eq_hi = ~eq_lo & (edges == b)
-    c_lt = np.where(eq_lo, run_starts[run_id[lo]], np.where(eq_hi, run_starts[run_id[hi]], lo + 1))
-    c_le = np.where(eq_lo, run_ends[run_id[lo]], np.where(eq_hi, run_ends[run_id[hi]], lo + 1))
-
-    # left_j = #edges with c_lt <= j ; right_j = #edges with c_le <= j (j = sorted slot in row).
-    ends = (starts + n)[:, None]
-    left = _within_row_cumcount(c_lt.ravel(), starts, n, nnz)
-    in_row = c_le < ends
-    right = _within_row_cumcount(c_le[in_row], starts, n, nnz)
+    lt_run = np.where(eq_lo, run_lo, np.where(eq_hi, run_hi, run_lo + 1))  # first run with value >= e
+    le_run = np.where(eq_lo, run_lo + 1, np.where(eq_hi, run_hi + 1, run_lo + 1))  # first run with value > e
+    # left(run R) = #edges with lt_run <= R ; right(run R) = #edges with le_run <= R, counted within
+    # the row. lt_run always lies inside the row: subtract n_edges per earlier row. le_run may be the
+    # next row's first run (e = row max): such counts spill over and are removed with a baseline.
+    row_of_run = (skey[run_starts] >> 32).astype(np.int64)
+    first_run = np.searchsorted(row_of_run, np.arange(len(starts)), side="left")
+    left = np.cumsum(np.bincount(lt_run.ravel(), minlength=n_runs)[:n_runs]) - n_edges * row_of_run
+    right_hits = np.bincount(le_run.ravel(), minlength=n_runs + 1)[:n_runs]
+    right_cum = np.cumsum(right_hits)
+    right = right_cum - right_cum[first_run][row_of_run]
+    run_bins = (right + (left - right + 1) // 2).astype(np.uint8)
+    run_len = np.diff(np.append(run_starts, nnz))
     out = np.empty(nnz, dtype=np.uint8)
-    out[order] = right + (left - right + 1) // 2
+    out[order] = np.repeat(run_bins, run_len)
     return out

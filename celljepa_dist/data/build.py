@@ -66,43 +66,56 @@ def map_source_genes(feature_ids: list[str], feature_names: list[str], vocab: Ge
 def cells_to_block(joinids: np.ndarray, indptr: np.ndarray, gene_index: np.ndarray, values: np.ndarray,
                    tokens: np.ndarray, meta: dict[str, list], n_bins: int, raw_check: bool,
                    feature_ids: list[str], where: str) -> tuple[CellBlock, dict]:
-    """Validate, map genes to tokens, bin, and drop empty cells: one shard's worth of cells."""
+    """Validate, map genes to tokens, bin, and drop empty cells: one shard's worth of cells.
+
+    Hot path: the common case (all values valid, every gene in the vocab, tokens already
+    ascending) costs a handful of linear passes; the fixes for the other cases run only if needed."""
     values = np.asarray(values, dtype=np.float32)
-    row_of = np.repeat(np.arange(len(joinids)), np.diff(indptr))
+    indptr = np.asarray(indptr, dtype=np.int64)
 
     def fail(mask: np.ndarray, what: str):
         k = int(np.flatnonzero(mask)[0])
-        raise ValueError(f"{where}: cell soma_joinid={int(joinids[row_of[k]])}, gene {feature_ids[gene_index[k]]}: "
+        row = int(np.searchsorted(indptr, k, side="right") - 1)
+        raise ValueError(f"{where}: cell soma_joinid={int(joinids[row])}, gene {feature_ids[gene_index[k]]}: "
                          f"value {values[k]!r} {what}")
 
-    bad = ~np.isfinite(values)
-    if bad.any():
-        fail(bad, "is not finite")
-    if (values < 0).any():
+    # One reduction answers "all finite and >= 0" (NaN fails the comparison); locate only on failure.
+    if not values.min(initial=0.0) >= 0 or not np.isfinite(values.max(initial=0.0)):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            fail(bad, "is not finite")
         fail(values < 0, "is negative (counts must be >= 0)")
-    if raw_check and (values != np.round(values)).any():
-        fail(values != np.round(values), "is not an integer count (declared raw; pass --allow-non-integer if intended)")
+    if raw_check:
+        frac = np.modf(values)[0]
+        if frac.any():
+            fail(frac != 0, "is not an integer count (declared raw; pass --allow-non-integer if intended)")
 
     tok = tokens[gene_index]
     zeros = values == 0
     unmatched = tok < 0
-    keep = ~zeros & ~unmatched
-    rows, tok, values = row_of[keep], tok[keep], values[keep]
-    if len(tok) > 1:
-        # Tokens ascend within a cell (the documented order); sort only if the vocab reorders genes.
-        same_row = rows[1:] == rows[:-1]
-        if (tok[1:][same_row] <= tok[:-1][same_row]).any():
-            order = np.argsort((rows.astype(np.int64) << 32) | tok.astype(np.int64), kind="stable")
-            rows, tok, values = rows[order], tok[order], values[order]
-    lengths = np.bincount(rows, minlength=len(joinids))
+    n_zeros, n_unmatched = int(zeros.sum()), int((unmatched & ~zeros).sum())
+    lengths = np.diff(indptr)
+    if n_zeros or n_unmatched:
+        keep = ~zeros & ~unmatched
+        row_of = np.repeat(np.arange(len(joinids)), lengths)[keep]
+        tok, values = tok[keep], values[keep]
+        lengths = np.bincount(row_of, minlength=len(joinids))
     nonempty = lengths > 0
     offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])]).astype(np.int64)
-    bins = bin_csr(offsets, values, n_bins)
+    if len(tok) > 1:
+        # Tokens ascend within a cell (the documented order); sort only if the vocab reorders genes.
+        step = np.diff(tok)
+        step[offsets[1:-1] - 1] = 1  # row boundaries may step down
+        if (step <= 0).any():
+            rows = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+            order = np.argsort((rows << 32) | tok.astype(np.int64), kind="stable")
+            tok, values = tok[order], values[order]
+    bins = bin_csr(offsets, values, n_bins, check=False)
     kept = np.flatnonzero(nonempty)
+    all_kept = len(kept) == len(joinids)
     block = CellBlock(offsets, tok.astype(np.int32), bins, values, np.asarray(joinids, np.int64)[kept],
-                      {k: [v[i] for i in kept] for k, v in meta.items()})
-    skipped = {"empty_cells": int((~nonempty).sum()), "explicit_zeros": int(zeros.sum()),
-               "entries_not_in_vocab": int((unmatched & ~zeros).sum())}
+                      {k: (list(v) if all_kept else [v[i] for i in kept]) for k, v in meta.items()})
+    skipped = {"empty_cells": int((~nonempty).sum()), "explicit_zeros": n_zeros, "entries_not_in_vocab": n_unmatched}
     return block, skipped
 
 
