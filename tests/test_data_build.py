@@ -239,3 +239,13 @@ def test_runs_to_ranges_and_csr_from_unsorted_coo():
     for k, j in enumerate(joinids):
         np.testing.assert_array_equal(cols[indptr[k]:indptr[k + 1]], np.flatnonzero(dense[j]))
         np.testing.assert_array_equal(vals[indptr[k]:indptr[k + 1]], dense[j][dense[j] > 0])
+
+
+def test_read_chunking_does_not_change_the_output(store, tmp_path, monkeypatch):
+    import celljepa_dist.data.build as B
+
+    store_path, vocab_path = store
+    build(store_path, vocab_path, tmp_path / "a", cells_per_shard=100)
+    monkeypatch.setattr(B, "READ_CHUNK_CELLS", 7)
+    build(store_path, vocab_path, tmp_path / "b", cells_per_shard=100)
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")

@@ -21,6 +21,7 @@ from .shards import (CellBlock, build_manifest, manifest_bytes, read_manifest, s
 from .vocab import GeneVocab, atomic_write_bytes
 
 PARTS_DIR = ".parts"
+READ_CHUNK_CELLS = 4096
 BUILD_PARAMS = "build.json"
 
 
@@ -176,13 +177,19 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
             stale.unlink(missing_ok=True)
         a, b = i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids))
         if _verified_record(out, i) is None:
-            rows = joinids[a:b]
-            indptr, gene_index, values = source.read_rows(rows)
-            meta = {c: obs[c].iloc[a:b].tolist() for c in meta_cols}
-            block, skipped = cells_to_block(rows, indptr, gene_index, values, tokens, meta, cfg.n_bins,
-                                            source.layer_is_raw, source.feature_ids, f"{source.where} -> {shard_name(i)}")
-            entry = write_shard(out / shard_name(i), block, cfg.block_size)
-            record = {**entry, "skipped": skipped, "first_joinid": int(rows[0]), "last_joinid": int(rows[-1])}
+            # Read in sub-chunks: peak memory is set by READ_CHUNK_CELLS, not by the shard size.
+            blocks, skipped = [], {}
+            for c0 in range(a, b, READ_CHUNK_CELLS):
+                c1 = min(c0 + READ_CHUNK_CELLS, b)
+                rows = joinids[c0:c1]
+                indptr, gene_index, values = source.read_rows(rows)
+                meta = {c: obs[c].iloc[c0:c1].tolist() for c in meta_cols}
+                block, sk = cells_to_block(rows, indptr, gene_index, values, tokens, meta, cfg.n_bins,
+                                           source.layer_is_raw, source.feature_ids, f"{source.where} -> {shard_name(i)}")
+                blocks.append(block)
+                skipped = {k: skipped.get(k, 0) + v for k, v in sk.items()}
+            entry = write_shard(out / shard_name(i), CellBlock.concat(blocks), cfg.block_size)
+            record = {**entry, "skipped": skipped, "first_joinid": int(joinids[a]), "last_joinid": int(joinids[b - 1])}
             atomic_write_bytes(_record_path(out, i), manifest_bytes(record))
         bar.update(b - a)
     bar.close()
