@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from celljepa_dist.data.binning import bin_csr
-from celljepa_dist.data.shards import (CellBlock, build_manifest, check_vocab_hash, decode_block, iter_shard_blocks,
+from celljepa_dist.data.shards import (CellBlock, build_manifest, check_vocab_hash, decode_block, iter_shard_blocks, validate_shards,
                                        read_manifest, read_shard, sha256_file, write_manifest, write_shard)
 
 
@@ -124,3 +124,24 @@ def test_tiny_shards_fixture_is_consistent(tiny_shards):
     for s in m["shards"]:
         assert sha256_file(shards_dir / s["name"]) == s["sha256"]
         assert len(read_shard(shards_dir / s["name"])) == s["cells"]
+
+
+def test_validate_reports_each_fault_naming_the_shard(tmp_path):
+    from celljepa_dist.data.shards import shard_name
+
+    good = random_cells(40, seed=1)
+    bad_bins = random_cells(40, seed=2)
+    bad_bins.bins = bad_bins.bins.copy()
+    bad_bins.bins[5] = 1 if bad_bins.bins[5] != 1 else 2
+    unsorted = random_cells(40, seed=3)
+    unsorted.genes = unsorted.genes.copy()
+    unsorted.genes[:2] = unsorted.genes[:2][::-1]
+    entries = [write_shard(tmp_path / shard_name(i), c) for i, c in enumerate([good, bad_bins, unsorted])]
+    write_manifest(tmp_path, build_manifest(entries, "ab" * 32, 51, {}, {}))
+    faults = validate_shards(tmp_path, "ab" * 32)
+    assert len(faults) == 2, faults
+    assert "shard-000001.tar" in faults[0] and "bins" in faults[0]
+    assert "shard-000002.tar" in faults[1] and "ascending" in faults[1]
+    entries[0]["cells"] += 1
+    write_manifest(tmp_path, build_manifest(entries, "ab" * 32, 51, {}, {}))
+    assert any("shard-000000.tar: 40 cells, manifest says 41" in f for f in validate_shards(tmp_path))

@@ -303,7 +303,10 @@ def validate_shards(shards_dir: str | os.PathLike, vocab_sha256: str | None = No
     if vocab_sha256 is not None and manifest["vocab_sha256"] != vocab_sha256:
         faults.append(f"{MANIFEST_NAME}: vocab sha256 {manifest['vocab_sha256'][:12]}... differs from the vocab "
                       f"given ({vocab_sha256[:12]}...)")
+    from .binning import BINNING_RULE, bin_csr
+
     n_bins = manifest["binning"]["n_bins"]
+    binning_rule = manifest["binning"].get("rule")
     for entry in manifest["shards"]:
         path = shards_dir / entry["name"]
         if not path.exists():
@@ -327,6 +330,16 @@ def validate_shards(shards_dir: str | os.PathLike, vocab_sha256: str | None = No
             faults.append(f"{entry['name']}: gene id {cells.genes.max()} >= vocab size {vocab_size}")
         if np.any(np.diff(cells.offsets) == 0):
             faults.append(f"{entry['name']}: holds a cell with no expressed gene")
+            continue
+        step = np.diff(cells.genes.astype(np.int64))
+        if len(step):
+            step[cells.offsets[1:-1] - 1] = 1  # row boundaries may step down
+            if (step <= 0).any():
+                faults.append(f"{entry['name']}: gene ids not strictly ascending within a cell")
+        if len(cells.counts) and not (np.isfinite(cells.counts).all() and (cells.counts > 0).all()):
+            faults.append(f"{entry['name']}: counts must be finite and > 0")
+        elif binning_rule == BINNING_RULE and not np.array_equal(cells.bins, bin_csr(cells.offsets, cells.counts, n_bins)):
+            faults.append(f"{entry['name']}: bins do not follow {BINNING_RULE} for the stored counts")
         if np.any(np.diff(cells.joinids) <= 0):
             faults.append(f"{entry['name']}: joinids not strictly ascending")
     return faults
