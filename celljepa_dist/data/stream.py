@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from . import order as O
 from .collate import check_mask_ratio, collate_cells, gather_cells
+from .shard_cache import SharedShardCache, make_cache_dir
 from .shards import check_vocab_hash, read_manifest
 
 STATE_FORMAT = "celljepa-loader-state/1"
@@ -51,9 +53,9 @@ class LoaderConfig:
     pin_memory: bool = True  # only takes effect when CUDA is available
     prefetch_factor: int = 4  # batches in flight per worker
     known_first: bool = False  # <cls>, known genes, then masked genes (helps attention kernels)
-    # Consecutive batches per worker turn; 0 = auto (about one shard's cells, at most 256 batches).
-    # The main process buffers up to (num_workers - 1) * chunk batches to restore their order.
-    worker_chunk_batches: int = 0
+    # Consecutive batches per worker turn. Workers share decoded shards (shard_cache.py), so 1 is
+    # best; larger values make the main process buffer up to (num_workers - 1) * chunk batches.
+    worker_chunk_batches: int = 1
     on_error: str = "raise"  # or "skip"
     max_skip_fraction: float = 0.01  # of the rank's cells, under on_error="skip"
     verify_checksums: bool = True  # sha256 of each shard against the manifest
@@ -65,8 +67,8 @@ class LoaderConfig:
         for name in ("batch_size", "max_genes", "prefetch_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoaderConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.worker_chunk_batches < 0:
-            raise ValueError(f"LoaderConfig.worker_chunk_batches must be >= 0, got {self.worker_chunk_batches}")
+        if self.worker_chunk_batches < 1:
+            raise ValueError(f"LoaderConfig.worker_chunk_batches must be >= 1, got {self.worker_chunk_batches}")
         if self.num_workers < 0:
             raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
         try:
@@ -187,9 +189,13 @@ class CellStream(IterableDataset):
         self.cfg, self.epoch, self.plan, self.start_batch = cfg, epoch, plan, start_batch
         self.shards = manifest["shards"]
         self.shard_cells = [int(s["cells"]) for s in self.shards]
-        self.chunk = cfg.worker_chunk_batches or auto_chunk(self.shard_cells, cfg.batch_size)
+        self.chunk = cfg.worker_chunk_batches
         # Shared with the workers (fork or spawn): 1 where a shard was found bad. Read by stats().
         self.bad_flags = torch.zeros(len(self.shards), dtype=torch.int8).share_memory_()
+        # Per worker: first position of the batch it is on (span_stop when done); shards that end
+        # before the slowest worker's position are deleted from the shared cache.
+        self.progress = torch.zeros(max(1, cfg.num_workers), dtype=torch.int64).share_memory_()
+        self.cache_root: Path | None = None  # set per iteration by CellLoader when workers share shards
 
     def __len__(self) -> int:
         return self.plan.num_batches - self.start_batch
@@ -209,7 +215,7 @@ class CellStream(IterableDataset):
                 lost += max(0, b - a)
         return lost
 
-    def _resolve(self, order, positions, cache, bad):
+    def _resolve(self, order, positions, cache, bad, shared=None):
         """Positions -> (shard, cell) after loading shards, marking bad ones and refilling."""
         while True:
             pos = O.fill_skipped(order, self.plan, positions, bad)
@@ -219,7 +225,7 @@ class CellStream(IterableDataset):
                 if s in cache:
                     continue
                 try:
-                    cache[s] = self._load(s)
+                    cache[s] = shared.get(s) if shared is not None else self._load(s)
                 except ShardError as e:
                     if self.cfg.on_error == "raise":
                         raise
@@ -263,15 +269,46 @@ class CellStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = O.EpochOrder(self.shard_cells, self.cfg.seed, self.epoch)
+        visit_of = np.empty(len(self.shards), dtype=np.int64)
+        visit_of[order.shard_order] = np.arange(len(self.shards))
+        shared = None
+        if workers > 1 and self.cache_root is not None:
+            shared = SharedShardCache(self.cache_root, self._load, ShardCells, ShardError)
         cache: dict[int, ShardCells] = {}
+        opened: set[int] = set()
         bad: set[int] = {i for i in range(len(self.shards)) if int(self.bad_flags[i])}
-        for b in O.worker_batches(self.plan.num_batches, self.start_batch, worker, workers, self.chunk):
-            shard, cell = self._resolve(order, O.batch_positions(self.plan, b), cache, bad)
-            used = set(shard.tolist())
-            for s in [s for s in cache if s not in used]:  # spans move forward: keep only live shards
-                del cache[s]
-            order.forget(used)
-            yield b, *pack_batch(self._assemble(shard, cell, cache))
+        try:
+            for b in O.worker_batches(self.plan.num_batches, self.start_batch, worker, workers, self.chunk):
+                positions = O.batch_positions(self.plan, b)
+                self.progress[worker] = int(positions[0])  # shards wholly before this may go
+                shard, cell = self._resolve(order, positions, cache, bad, shared)
+                used = set(shard.tolist())
+                for s in [s for s in cache if s not in used]:  # spans move forward: keep only live shards
+                    del cache[s]
+                order.forget(used)
+                if shared is not None:
+                    opened |= used
+                    self._share_housekeeping(shared, order, visit_of, opened, int(positions[-1]))
+                yield b, *pack_batch(self._assemble(shard, cell, cache))
+        finally:
+            self.progress[worker] = self.plan.span_stop
+            if shared is not None:
+                shared.join()
+
+    def _share_housekeeping(self, shared, order, visit_of, opened, last_position):
+        """Decode the next shard ahead; delete shards every worker has moved past."""
+        visit = int(np.searchsorted(order.starts, last_position, side="right") - 1) + 1
+        while visit < len(order.shard_order) and order.starts[visit] < self.plan.span_stop:
+            nxt = int(order.shard_order[visit])
+            if self.shard_cells[nxt] > 0:
+                if nxt not in opened:
+                    shared.prefetch(nxt)
+                break
+            visit += 1
+        slowest = int(self.progress.min())
+        for s in [s for s in opened if order.starts[visit_of[s] + 1] <= slowest]:
+            shared.release(s)
+            opened.discard(s)
 
 
 # --- the loader -----------------------------------------------------------------------------------
@@ -307,12 +344,6 @@ def _as_is(item):
     return item  # the default (default_convert) walks every element of the layout list
 
 
-def auto_chunk(shard_cells: list[int], batch_size: int) -> int:
-    """About one shard's worth of batches per worker turn, so each shard is read by ~1 worker."""
-    mean = sum(shard_cells) / max(1, sum(1 for c in shard_cells if c))
-    return int(min(256, max(1, round(mean / batch_size))))
-
-
 def _fingerprint(manifest: dict) -> str:
     """Identifies the shard set, so a resume state is never applied to other data."""
     names = [(s["name"], int(s["cells"]), s["sha256"]) for s in manifest["shards"]]
@@ -328,14 +359,24 @@ class CellLoader:
 
     def __iter__(self):
         """Batches in index order, whatever order the workers deliver them in."""
-        expected, pending = self.start_batch, {}
-        for b, buffer, layout in self.dataloader:
-            pending[b] = unpack_batch(buffer, layout)
-            while expected in pending:
-                yield pending.pop(expected)
-                expected += 1
-        if pending or expected != self.plan.num_batches:
-            raise RuntimeError(f"loader ended at batch {expected} of {self.plan.num_batches} with {len(pending)} out of order")
+        dataset = self.dataset
+        dataset.progress.fill_(self.plan.span_start + self.start_batch * self.plan.batch_size)
+        dataset.cache_root = make_cache_dir() if dataset.cfg.num_workers > 1 else None
+        batches = iter(self.dataloader)  # forks the workers, which see cache_root
+        try:
+            expected, pending = self.start_batch, {}
+            for b, buffer, layout in batches:
+                pending[b] = unpack_batch(buffer, layout)
+                while expected in pending:
+                    yield pending.pop(expected)
+                    expected += 1
+            if pending or expected != self.plan.num_batches:
+                raise RuntimeError(f"loader ended at batch {expected} of {self.plan.num_batches} "
+                                   f"with {len(pending)} out of order")
+        finally:
+            del batches  # shuts the workers down before their files go
+            if dataset.cache_root is not None:
+                shutil.rmtree(dataset.cache_root, ignore_errors=True)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -1,0 +1,124 @@
+"""Decoded shards shared by one rank's DataLoader workers through memory-backed files.
+
+Every worker builds batches from the same shards (a shard holds hundreds of batches and the
+workers take turns), so without sharing each shard would be read, checked and decoded once per
+worker. Here the first worker to need a shard takes its lock file (O_EXCL), decodes it and
+publishes the arrays as .npy files; the others memory-map them. A bad shard is published as a
+`.bad` file holding the error, so every worker reaches the same verdict. The next shard is
+decoded ahead in a background thread, so workers moving in step rarely wait.
+
+Files go to /dev/shm when it has room (else the temp dir) in a directory owned by one loader
+iteration; shards every worker has moved past are deleted, and the directory at the end.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+FIELDS = ("offsets", "genes", "bins", "joinids", "labels")
+WAIT_TIMEOUT_S = 600.0  # a worker decoding one shard never takes this long; a dead one might
+
+
+def make_cache_dir(min_free_bytes: int = 2 << 30) -> Path:
+    base = Path("/dev/shm")
+    if not (base.is_dir() and os.access(base, os.W_OK) and shutil.disk_usage(base).free >= min_free_bytes):
+        base = Path(tempfile.gettempdir())
+    path = base / f"celljepa-loader-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(mode=0o700)
+    return path
+
+
+class SharedShardCache:
+    """get(index) -> decoded shard, decoding it here or waiting for the worker that does."""
+
+    def __init__(self, root: Path, load: Callable[[int], object], make: Callable[..., object], error: type):
+        self.root, self.load, self.make, self.error = Path(root), load, make, error
+        self._threads: dict[int, threading.Thread] = {}
+
+    def _path(self, index: int, suffix: str) -> Path:
+        return self.root / f"{index:06d}.{suffix}"
+
+    def _try_lock(self, index: int) -> bool:
+        try:
+            os.close(os.open(self._path(index, "lock"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def _publish(self, index: int, cells) -> None:
+        for name in FIELDS:
+            tmp = self._path(index, f"{name}.tmp.npy")
+            np.save(tmp, getattr(cells, name))
+            os.replace(tmp, self._path(index, f"{name}.npy"))
+        self._path(index, "ready").touch()
+
+    def _decode_and_publish(self, index: int):
+        """Runs with the lock held; publishes the shard or its error."""
+        try:
+            cells = self.load(index)
+        except self.error as e:
+            tmp = self._path(index, "bad.tmp")
+            tmp.write_text(str(e))
+            os.replace(tmp, self._path(index, "bad"))
+            raise
+        except BaseException:
+            self._path(index, "lock").unlink(missing_ok=True)  # let another worker retry
+            raise
+        self._publish(index, cells)
+        return cells
+
+    def _open(self, index: int):
+        return self.make(**{name: np.load(self._path(index, f"{name}.npy"), mmap_mode="r") for name in FIELDS})
+
+    def get(self, index: int):
+        deadline = time.monotonic() + WAIT_TIMEOUT_S
+        while True:
+            if self._path(index, "ready").exists():
+                try:
+                    return self._open(index)
+                except FileNotFoundError:  # released under our feet: decode it again
+                    pass
+            bad = self._path(index, "bad")
+            if bad.exists():
+                raise self.error(bad.read_text())
+            if self._try_lock(index):
+                return self._decode_and_publish(index)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {WAIT_TIMEOUT_S:.0f}s for another loader worker to decode shard #{index}")
+            time.sleep(0.002)
+
+    def prefetch(self, index: int) -> None:
+        """Decode `index` in a background thread unless some worker already has it or is on it."""
+        if index in self._threads or self._path(index, "ready").exists() or not self._try_lock(index):
+            return
+
+        def work():
+            try:
+                self._decode_and_publish(index)
+            except BaseException:
+                pass  # the .bad file (or a freed lock) tells whoever needs the shard
+
+        thread = threading.Thread(target=work, name=f"shard-prefetch-{index}", daemon=True)
+        self._threads[index] = thread
+        thread.start()
+
+    def release(self, index: int) -> None:
+        """Delete a shard's files (mapped copies stay valid until unmapped)."""
+        thread = self._threads.pop(index, None)
+        if thread is not None:
+            thread.join()
+        for path in self.root.glob(f"{index:06d}.*"):
+            path.unlink(missing_ok=True)
+
+    def join(self) -> None:
+        for thread in self._threads.values():
+            thread.join()
+        self._threads.clear()
