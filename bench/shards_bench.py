@@ -44,8 +44,10 @@ def main(argv=None) -> int:
         shards = out / "shards"
         shutil.rmtree(shards, ignore_errors=True)
         cfg = ShardBuildConfig(out=str(shards), cells_per_shard=args.cells_per_shard)
-        m, wall, cpu = timed(lambda: build_shards(src, vocab, cfg, progress=False))
+        stages = {}
+        m, wall, cpu = timed(lambda: build_shards(src, vocab, cfg, progress=False, timings=stages))
     n = m["total_cells"]
+    print("stages (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     first = read_shard(shards / m["shards"][0]["name"])
     nbytes = sum((shards / s["name"]).stat().st_size for s in m["shards"])
     nnz = int(round(first.offsets[-1] / len(first) * n))

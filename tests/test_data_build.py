@@ -1,5 +1,4 @@
 """census_to_shards end to end on real TileDB-SOMA stores: content, K-job independence, resume, bad input."""
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 from celljepa_dist.data.binning import bin_cell_reference
 from celljepa_dist.data.build import ShardBuildConfig, build_shards
 from celljepa_dist.data.census import CensusSource, CensusSourceConfig, coo_rows_to_csr, runs_to_ranges
-from celljepa_dist.data.shards import read_manifest, read_shard, validate_shards
+from celljepa_dist.data.shards import read_shard, validate_shards
 from celljepa_dist.data.simulate import SimulationConfig, write_store
 from celljepa_dist.data.vocab import GeneVocab
 

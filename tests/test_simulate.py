@@ -1,5 +1,4 @@
 """The simulated Census-shaped store: opens like the Census, deterministic, scRNA-seq-like."""
-import json
 import subprocess
 import sys
 from pathlib import Path

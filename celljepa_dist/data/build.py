@@ -10,7 +10,7 @@ shards whose record and checksum verify, so a killed job resumes and ends byte-i
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -153,9 +153,18 @@ def _verified_record(out: Path, i: int) -> dict | None:
     return rec if sha256_file(tar_path) == rec["sha256"] else None
 
 
-def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool = True) -> dict | None:
-    """Build this job's shards; return the merged manifest if every shard is now done, else None."""
+def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool = True,
+                 timings: dict | None = None) -> dict | None:
+    """Build this job's shards; return the merged manifest if every shard is now done, else None.
+    `timings`, if given, accumulates wall seconds per stage (read, process, write)."""
+    import time
+
     from tqdm import tqdm
+
+    timings = {} if timings is None else timings
+
+    def clock(stage, t0):
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
     cfg.validate()
     out = Path(cfg.out)
@@ -182,13 +191,19 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
             for c0 in range(a, b, READ_CHUNK_CELLS):
                 c1 = min(c0 + READ_CHUNK_CELLS, b)
                 rows = joinids[c0:c1]
+                t0 = time.perf_counter()
                 indptr, gene_index, values = source.read_rows(rows)
+                clock("read", t0)
+                t0 = time.perf_counter()
                 meta = {c: obs[c].iloc[c0:c1].tolist() for c in meta_cols}
                 block, sk = cells_to_block(rows, indptr, gene_index, values, tokens, meta, cfg.n_bins,
                                            source.layer_is_raw, source.feature_ids, f"{source.where} -> {shard_name(i)}")
+                clock("process", t0)
                 blocks.append(block)
                 skipped = {k: skipped.get(k, 0) + v for k, v in sk.items()}
+            t0 = time.perf_counter()
             entry = write_shard(out / shard_name(i), CellBlock.concat(blocks), cfg.block_size)
+            clock("write", t0)
             record = {**entry, "skipped": skipped, "first_joinid": int(joinids[a]), "last_joinid": int(joinids[b - 1])}
             atomic_write_bytes(_record_path(out, i), manifest_bytes(record))
         bar.update(b - a)
@@ -221,4 +236,4 @@ def build_params_of(out: str | Path) -> dict:
 
 
 __all__ = ["ShardBuildConfig", "build_shards", "cells_to_block", "map_source_genes", "merge_manifest",
-           "build_params_of", "asdict"]
+           "build_params_of"]
