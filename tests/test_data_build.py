@@ -248,3 +248,26 @@ def test_read_chunking_does_not_change_the_output(store, tmp_path, monkeypatch):
     monkeypatch.setattr(B, "READ_CHUNK_CELLS", 7)
     build(store_path, vocab_path, tmp_path / "b", cells_per_shard=100)
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+
+
+@pytest.mark.parametrize("kw,msg", [({}, "exactly one"), ({"uri": "x", "census_version": "2023-05-15"}, "exactly one"),
+                                    ({"census_version": "stable"}, "pin a dated release")])
+def test_source_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        CensusSourceConfig(**kw).validate()
+
+
+def test_missing_store_and_unknown_organism_are_named(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        CensusSource(CensusSourceConfig(uri=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="organism 'Mus musculus' not found"):
+        CensusSource(CensusSourceConfig(uri=str(store[0]), organism="Mus musculus"))
+
+
+@pytest.mark.parametrize("field,value", [("cells_per_shard", 0), ("n_bins", 2), ("num_jobs", 0), ("job_index", 3),
+                                         ("min_gene_match", 1.5), ("block_size", 0)])
+def test_build_config_validation_names_the_field(field, value):
+    cfg = ShardBuildConfig(out="x", num_jobs=3)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=field):
+        cfg.validate()
