@@ -56,33 +56,25 @@ def runs_to_ranges(joinids: np.ndarray, max_gap: int = MAX_READ_GAP) -> list[tup
 
 
 def coo_rows_to_csr(joinids: np.ndarray, dim0: np.ndarray, dim1: np.ndarray, data: np.ndarray):
-    """Keep entries whose row is in `joinids` (sorted, unique) and return CSR in joinids order,
-    genes ascending within a row. TileDB's unordered reads are ~15x faster than row-major ones
-    and on a store tiled by rows already come sorted, so sort only when needed."""
+    """Keep entries whose row is in `joinids` (sorted, unique) and return CSR in joinids order.
+
+    TileDB's unordered reads are ~15x faster than row-major ones. On a store tiled by whole rows
+    they come grouped by row already (checked in one pass); otherwise entries are sorted by
+    (row, gene). Genes are then ascending within a row except if the store's tiles themselves were
+    unordered within a row, which cells_to_block's token-order check repairs anyway."""
     dim0 = dim0.astype(np.int64, copy=False)
-    dim1 = dim1.astype(np.int64, copy=False)
-    if len(dim0) > 1:
-        step0 = dim0[1:] - dim0[:-1]
-        sorted_ok = (step0 >= 0).all() and (dim1[1:][step0 == 0] > dim1[:-1][step0 == 0]).all()
-        if not sorted_ok:
-            order = np.argsort((dim0 << 32) | dim1, kind="stable")
-            dim0, dim1, data = dim0[order], dim1[order], data[order]
+    if len(dim0) > 1 and (dim0[1:] < dim0[:-1]).any():
+        order = np.argsort((dim0 << 32) | dim1.astype(np.int64, copy=False), kind="stable")
+        dim0, dim1, data = dim0[order], dim1[order], data[order]
+    # Per wanted row, its slice of the sorted entries: a binary search per row, not per entry.
+    starts = np.searchsorted(dim0, joinids, side="left")
+    lengths = np.searchsorted(dim0, joinids, side="right") - starts
     indptr = np.zeros(len(joinids) + 1, dtype=np.int64)
-    if len(dim0) == 0:
-        return indptr, dim1, data
-    # Row lookup through a dense table over the joinid span: two gathers instead of a binary
-    # search per entry.
-    lo, hi = int(joinids[0]), int(joinids[-1])
-    inside = (dim0 >= lo) & (dim0 <= hi)
-    rank = np.full(hi - lo + 1, -1, dtype=np.int64)
-    rank[joinids - lo] = np.arange(len(joinids))
-    rows = np.full(len(dim0), -1, dtype=np.int64)
-    rows[inside] = rank[dim0[inside] - lo]
-    keep = rows >= 0
-    if not keep.all():
-        rows, dim1, data = rows[keep], dim1[keep], data[keep]
-    np.cumsum(np.bincount(rows, minlength=len(joinids)), out=indptr[1:])
-    return indptr, dim1, data
+    np.cumsum(lengths, out=indptr[1:])
+    if indptr[-1] == len(dim0):  # every entry belongs to a wanted row
+        return indptr, dim1.astype(np.int64, copy=False), data
+    take = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+    return indptr, dim1[take].astype(np.int64, copy=False), data[take]
 
 
 class CensusSource:
