@@ -8,8 +8,7 @@ import torch
 
 from celljepa_dist.data import order as O
 from celljepa_dist.data.shards import read_manifest, read_shard
-from celljepa_dist.data.stream import (LoaderConfig, ShardError, build_loader, pack_batch, read_shard_cells,
-                                      unpack_batch)
+from celljepa_dist.data.stream import LoaderConfig, ShardError, build_loader, read_shard_cells, unpack_batch
 
 KEYS = ("gene_ids", "values", "target_values", "value_mask", "padding_mask", "lengths", "cell_ids", "labels")
 
@@ -120,13 +119,19 @@ def test_resume_is_bit_exact(tiny_shards, workers_before, workers_after):
         assert resumed.state_dict(len(rest))["batches_done"] == len(full)
 
 
-def test_pack_unpack_roundtrip():
+def test_packed_batch_roundtrip():
+    from celljepa_dist.data.collate import collate_cells_packed
+
     rng = np.random.default_rng(0)
-    batch = {"a": rng.integers(0, 9, (3, 5)), "b": rng.random((3, 5)).astype(np.float32),
-             "c": rng.random((3, 5)) > 0.5, "d": rng.integers(0, 9, 3).astype(np.int32)}
-    buffer, layout = pack_batch(batch)
-    out = unpack_batch(buffer, layout)
-    assert all(np.array_equal(out[k].numpy(), v) and out[k].numpy().dtype == v.dtype for k, v in batch.items())
+    n = rng.integers(1, 50, 6)
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    genes = np.concatenate([np.sort(rng.choice(200, k, replace=False)) + 3 for k in n]).astype(np.int32)
+    bins = rng.integers(1, 51, int(offsets[-1])).astype(np.uint8)
+    buffer, layout, arrays = collate_cells_packed(offsets, genes, bins, np.arange(6) * 3, seed=1, epoch=0,
+                                                  max_genes=20)
+    tensors = unpack_batch(torch.from_numpy(buffer), layout)
+    assert list(tensors) == list(KEYS)
+    assert all(np.array_equal(tensors[k].numpy(), v) and tensors[k].numpy().dtype == v.dtype for k, v in arrays.items())
 
 
 def test_resume_refuses_a_different_run(tiny_shards):

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from . import order as O
-from .collate import check_mask_ratio, collate_cells, gather_cells
+from .collate import check_mask_ratio, collate_cells_packed, gather_cells
 from .shard_cache import SharedShardCache, make_cache_dir
 from .shards import check_vocab_hash, read_manifest
 
@@ -262,7 +262,7 @@ class CellStream(IterableDataset):
             offsets, flat = gather_cells(offsets, back)
             genes, bins, joinids, labels = genes[flat], bins[flat], joinids[back], labels[back]
         cfg = self.cfg
-        return collate_cells(offsets, genes, bins, joinids, labels, seed=cfg.seed, epoch=self.epoch,
+        return collate_cells_packed(offsets, genes, bins, joinids, labels, seed=cfg.seed, epoch=self.epoch,
                              max_genes=cfg.max_genes, mask_ratio=cfg.mask_ratio, known_first=cfg.known_first)
 
     def __iter__(self):
@@ -289,7 +289,8 @@ class CellStream(IterableDataset):
                 if shared is not None:
                     opened |= used
                     self._share_housekeeping(shared, order, visit_of, opened, int(positions[-1]))
-                yield b, *pack_batch(self._assemble(shard, cell, cache))
+                buffer, layout, _ = self._assemble(shard, cell, cache)
+                yield b, torch.from_numpy(buffer), layout
         finally:
             self.progress[worker] = self.plan.span_stop
             if shared is not None:
@@ -313,21 +314,8 @@ class CellStream(IterableDataset):
 
 # --- the loader -----------------------------------------------------------------------------------
 
-def pack_batch(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list]:
-    """All arrays of a batch in one uint8 tensor: one shared-memory segment per batch instead of
-    one per key (moving a tensor between processes has a fixed cost that dominated at 8 keys)."""
-    layout, offset = [], 0
-    for key, arr in batch.items():
-        layout.append((key, arr.dtype.str, arr.shape, offset))
-        offset += -(-arr.nbytes // 8) * 8  # keep every array 8-byte aligned
-    buffer = np.empty(offset, dtype=np.uint8)
-    for (key, _, _, start), arr in zip(layout, batch.values()):
-        buffer[start : start + arr.nbytes] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-    return torch.from_numpy(buffer), layout
-
-
 def unpack_batch(buffer: torch.Tensor, layout: list) -> dict[str, torch.Tensor]:
-    """Views into the (possibly pinned) buffer; no copy."""
+    """Tensor views into the (possibly pinned) batch buffer built by collate_cells_packed; no copy."""
     out = {}
     for key, dtype, shape, start in layout:
         dt = np.dtype(dtype)
