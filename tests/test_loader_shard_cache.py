@@ -93,3 +93,21 @@ def test_loader_removes_its_cache_dir(tiny_shards):
             break
     after = {p for p in Path("/dev/shm").glob("celljepa-loader-*")} if Path("/dev/shm").is_dir() else set()
     assert after <= before
+
+
+def test_dirs_of_killed_jobs_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from celljepa_dist.data.shard_cache import PREFIX, _pid_namespace, remove_stale_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ns = _pid_namespace()
+    stale = tmp_path / f"{PREFIX}{ns}-{int(dead.stdout)}-abcd1234"
+    live = tmp_path / f"{PREFIX}{ns}-{os.getpid()}-abcd1234"
+    other_ns = tmp_path / f"{PREFIX}999{ns}-{int(dead.stdout)}-abcd1234"  # another container's
+    for d in (stale, live, other_ns):
+        d.mkdir()
+        (d / "000001.genes.npy").write_bytes(b"x")
+    remove_stale_dirs(tmp_path)
+    assert not stale.exists() and live.exists() and other_ns.exists()

@@ -27,11 +27,44 @@ FIELDS = ("offsets", "genes", "bins", "joinids", "labels")
 WAIT_TIMEOUT_S = 600.0  # a worker decoding one shard never takes this long; a dead one might
 
 
+PREFIX = "celljepa-loader-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _pid_namespace() -> str:
+    """Pids only mean something inside one pid namespace (containers may share /dev/shm)."""
+    try:
+        return os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        return "0"
+
+
+def remove_stale_dirs(base: Path) -> None:
+    """Delete cache dirs left by killed jobs of this pid namespace (SIGKILL skips every cleanup)."""
+    for path in base.glob(f"{PREFIX}{_pid_namespace()}-*"):
+        try:
+            pid = int(path.name.split("-")[3])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def make_cache_dir(min_free_bytes: int = 2 << 30) -> Path:
     base = Path("/dev/shm")
     if not (base.is_dir() and os.access(base, os.W_OK) and shutil.disk_usage(base).free >= min_free_bytes):
         base = Path(tempfile.gettempdir())
-    path = base / f"celljepa-loader-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_dirs(base)
+    path = base / f"{PREFIX}{_pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir(mode=0o700)
     return path
 
