@@ -11,6 +11,8 @@ def random_csr(rng, n_rows, max_len, kind):
     nnz = int(indptr[-1])
     if kind == "counts":  # integer counts: heavy ties, the case scGPT's RNG is for
         values = rng.negative_binomial(1, 0.3, size=nnz).astype(np.float32) + 1
+    elif kind == "huge_counts":  # integers beyond uint16: the general (int64 key) sort path
+        values = rng.integers(1, 200_000, size=nnz).astype(np.float32)
     elif kind == "tiny_range":
         values = rng.integers(1, 4, size=nnz).astype(np.float32)
     else:  # continuous, no ties
@@ -27,7 +29,7 @@ def scgpt_bin_cell(values, n_bins, rng):
     return np.ceil(rands * (right - left) + left).astype(np.int64)
 
 
-@pytest.mark.parametrize("kind", ["counts", "tiny_range", "continuous"])
+@pytest.mark.parametrize("kind", ["counts", "tiny_range", "huge_counts", "continuous"])
 @pytest.mark.parametrize("n_bins", [3, 11, 51, 256])
 def test_vectorised_equals_per_cell_rule(kind, n_bins):
     rng = np.random.default_rng(n_bins)

@@ -47,6 +47,29 @@ def bin_csr_reference(indptr: np.ndarray, values: np.ndarray, n_bins: int) -> np
     return out
 
 
+ROW_SORT_GROUP = 64
+
+
+def _row_sort_order_uint16(indptr: np.ndarray, lengths: np.ndarray, v16: np.ndarray) -> np.ndarray:
+    """Stable within-row sort order for uint16 values: groups of consecutive rows are padded into
+    a matrix (pad 65535 sorts after any real value, stability keeps real 65535s first) and sorted
+    along rows, where numpy uses a radix sort: ~2x faster than one argsort of int64 (row, value) keys."""
+    order = np.empty(len(v16), dtype=np.int64)
+    for g0 in range(0, len(lengths), ROW_SORT_GROUP):
+        g1 = min(g0 + ROW_SORT_GROUP, len(lengths))
+        lens = lengths[g0:g1]
+        width = int(lens.max())
+        if width == 0:
+            continue
+        a, b = indptr[g0], indptr[g1]
+        inside = np.arange(width) < lens[:, None]
+        padded = np.full((g1 - g0, width), 65535, dtype=np.uint16)
+        padded[inside] = v16[a:b]
+        local = np.argsort(padded, axis=1, kind="stable")
+        order[a:b] = local[inside] + np.repeat(indptr[g0:g1], lens)
+    return order
+
+
 def bin_csr(indptr: np.ndarray, values: np.ndarray, n_bins: int, check: bool = True) -> np.ndarray:
     """Bins (uint8, aligned with `values`) for every row of a CSR chunk; values must be > 0 and finite.
 
@@ -67,15 +90,20 @@ def bin_csr(indptr: np.ndarray, values: np.ndarray, n_bins: int, check: bool = T
     starts = indptr[:-1][keep]
     n = lengths[keep]
     n_edges = n_bins - 1
-    # Positive float32 bit patterns sort like the floats, so one int64 key orders (row, value).
-    key = np.repeat(np.arange(len(starts), dtype=np.int64) << 32, n)
-    key |= values.view(np.uint32)
-    order = np.argsort(key, kind="stable")
-    skey = key[order]
+    v16 = values.astype(np.uint16)
+    if np.array_equal(v16, values):
+        order = _row_sort_order_uint16(indptr, lengths, v16)  # integer counts: per-row radix sorts
+    else:
+        # Positive float32 bit patterns sort like the floats, so one int64 key orders (row, value).
+        key = np.repeat(np.arange(len(lengths), dtype=np.int64) << 32, lengths)
+        key |= values.view(np.uint32)
+        order = np.argsort(key, kind="stable")
+    s = values[order]
     new_run = np.empty(nnz, dtype=bool)
     new_run[0] = True
-    np.not_equal(skey[1:], skey[:-1], out=new_run[1:])
-    run_starts = np.flatnonzero(new_run)  # runs of equal values never cross rows (row is in the key)
+    np.not_equal(s[1:], s[:-1], out=new_run[1:])
+    new_run[starts] = True  # runs of equal values never cross rows
+    run_starts = np.flatnonzero(new_run)
     n_runs = len(run_starts)
 
     q = np.linspace(0, 1, n_edges)
@@ -107,7 +135,7 @@ def bin_csr(indptr: np.ndarray, values: np.ndarray, n_bins: int, check: bool = T
     # left(run R) = #edges with lt_run <= R ; right(run R) = #edges with le_run <= R, counted within
     # the row. lt_run always lies inside the row: subtract n_edges per earlier row. le_run may be the
     # next row's first run (e = row max): such counts spill over and are removed with a baseline.
-    row_of_run = (skey[run_starts] >> 32).astype(np.int64)
+    row_of_run = np.searchsorted(starts, run_starts, side="right") - 1  # index among non-empty rows
     first_run = np.searchsorted(row_of_run, np.arange(len(starts)), side="left")
     left = np.cumsum(np.bincount(lt_run.ravel(), minlength=n_runs)[:n_runs]) - n_edges * row_of_run
     right_hits = np.bincount(le_run.ravel(), minlength=n_runs + 1)[:n_runs]
