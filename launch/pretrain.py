@@ -10,8 +10,10 @@ On CPU set DS_ACCELERATOR=cpu (ranks talk over gloo).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from celljepa_dist.config import load_config
 
@@ -26,6 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=...")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
+
+
+def write_result(result, last_checkpoint) -> None:
+    """`run_dir/result.json`: the finished run at a glance (and the demo's "already done" marker)."""
+    from celljepa_dist.config import atomic_write_text
+
+    atomic_write_text(Path(result.run_dir) / "result.json", json.dumps(
+        {"final_step": result.final_step, "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+         "mlflow_run_id": result.mlflow_run_id}, indent=2))
 
 
 def main(argv=None) -> int:
@@ -46,6 +57,7 @@ def main(argv=None) -> int:
     result = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result.checkpoints[-1] if result.checkpoints else None
+        write_result(result, last)
         print(f"pretrain done: step={result.final_step} checkpoint={last} mlflow_run_id={result.mlflow_run_id}",
               flush=True)
     return 0
