@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -58,20 +59,33 @@ def keep_rows(batch: dict, sample: dict, every: int) -> None:
                                                   for k in ("gene_ids", "values", "target_values", "value_mask"))
 
 
-def run_timed(batches, max_cells: int, sample: dict, every: int) -> tuple[float, int]:
-    start, cells = time.perf_counter(), 0
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the DataLoader workers, once shut down)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_timed(make_batches, max_cells: int, sample: dict, every: int) -> tuple[float, int, float]:
+    """(wall cells/s, cells, cells per CPU-second) -- the last is what one free core would give;
+    on a shared machine the wall rate depends on the other jobs."""
+    cpu0, start, cells = cpu_seconds(), time.perf_counter(), 0
+    batches = iter(make_batches())
     for batch in batches:
         cells += len(batch["cell_ids"])
         keep_rows(batch, sample, every)
         if cells >= max_cells:
             break
-    return cells / (time.perf_counter() - start), cells
+    wall = time.perf_counter() - start
+    del batches, batch  # shuts the workers down, so their CPU time is counted
+    return cells / wall, cells, cells / (cpu_seconds() - cpu0)
 
 
-def ours(shards: Path, workers: int, batch_size: int, max_cells: int, sample: dict, every: int) -> tuple[float, int]:
+def ours(shards: Path, workers: int, batch_size: int, max_cells: int, sample: dict, every: int):
     cfg = LoaderConfig(shards_dir=str(shards), batch_size=batch_size, num_workers=workers, seed=0)
     loader, _ = build_loader(cfg, rank=0, world_size=1, epoch=0)
-    return run_timed(loader, max_cells, sample, every)
+    return run_timed(lambda: loader, max_cells, sample, every)
 
 
 class SomaBatches(IterableDataset):
@@ -95,7 +109,7 @@ class SomaBatches(IterableDataset):
 
 
 def soma(store: Path, vocab_path: Path, obs_filter: str, workers: int, batch_size: int, max_cells: int,
-         sample: dict, every: int) -> tuple[float, int, float]:
+         sample: dict, every: int):
     import tiledbsoma
     import tiledbsoma_ml
 
@@ -112,10 +126,10 @@ def soma(store: Path, vocab_path: Path, obs_filter: str, workers: int, batch_siz
                                              return_sparse_X=False, obs_column_names=["soma_joinid"])
         # columns of X follow the query's var joinids, which are 0..n_var-1 in this store
         loader = DataLoader(SomaBatches(ds, tokens, feature_ids, batch_size), batch_size=None, num_workers=workers)
-        rate, cells = run_timed(loader, max_cells, sample, every)
+        rate, cells, per_cpu = run_timed(lambda: loader, max_cells, sample, every)
     setup = time.perf_counter() - start - cells / rate
     exp.close()
-    return rate, cells, setup
+    return rate, cells, per_cpu, setup
 
 
 def plot(results: dict, path: Path) -> None:
@@ -151,13 +165,15 @@ def main() -> None:
 
     every = 7  # compare the tensors of ~1/7 of the cells
     ours_rows, soma_rows, single_rows = {}, {}, {}
-    rate, cells = ours(shards, args.workers, args.batch_size, args.max_cells, ours_rows, every)
-    print(f"ours ({args.workers} workers): {rate:,.0f} cells/s over {cells:,} cells")
-    rate0, cells0 = ours(shards, 0, args.batch_size, min(args.max_cells, 40_000), single_rows, every)
-    print(f"ours (in-process, 0 workers): {rate0:,.0f} cells/s over {cells0:,} cells")
-    srate, scells, setup = soma(store, vocab_path, args.obs_filter, args.workers, args.batch_size,
-                                args.soma_cells, soma_rows, every)
-    print(f"tiledbsoma-ml ({args.workers} workers): {srate:,.0f} cells/s over {scells:,} cells (+{setup:.1f}s setup)")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before the run")
+    rate, cells, cpu = ours(shards, args.workers, args.batch_size, args.max_cells, ours_rows, every)
+    print(f"ours ({args.workers} workers): {rate:,.0f} cells/s over {cells:,} cells; {cpu:,.0f} cells per CPU-second")
+    rate0, cells0, cpu0 = ours(shards, 0, args.batch_size, min(args.max_cells, 40_000), single_rows, every)
+    print(f"ours (in-process, 0 workers): {rate0:,.0f} cells/s over {cells0:,} cells; {cpu0:,.0f} cells per CPU-second")
+    srate, scells, scpu, setup = soma(store, vocab_path, args.obs_filter, args.workers, args.batch_size,
+                                      args.soma_cells, soma_rows, every)
+    print(f"tiledbsoma-ml ({args.workers} workers): {srate:,.0f} cells/s over {scells:,} cells (+{setup:.1f}s setup); "
+          f"{scpu:,.0f} cells per CPU-second")
 
     common = sorted(set(ours_rows) & set(soma_rows))
     mismatched = [j for j in common if ours_rows[j] != soma_rows[j]]
@@ -169,7 +185,9 @@ def main() -> None:
     results = {f"ours, {args.workers} workers": rate, "ours, in-process": rate0,
                f"tiledbsoma-ml, {args.workers} workers": srate}
     (OUT / "loader_bench.json").write_text(json.dumps({**results, "cells": cells, "batch_size": args.batch_size,
-                                                        "ratio_vs_soma": rate / srate}, indent=1))
+                                                        "ratio_vs_soma": rate / srate, "cells_per_cpu_s": cpu,
+                                                        "soma_cells_per_cpu_s": scpu, "cores": os.cpu_count(),
+                                                        "load_average": os.getloadavg()[0]}, indent=1))
     plot(results, OUT / "loader_bench.png")
     print(f"plot: {OUT / 'loader_bench.png'}")
     print(f"loader_bench cells_per_s={rate:.0f} ratio_vs_soma={rate / srate:.2f}")

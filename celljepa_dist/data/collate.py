@@ -133,10 +133,12 @@ def collate_cells_packed(
     max_genes: int = 600,
     mask_ratio: float = 0.15,
     known_first: bool = False,
+    alloc=None,
 ) -> tuple[np.ndarray, list, dict[str, np.ndarray]]:
     """CSR cells (vocab-ordered genes, uint8 bins) -> (buffer, layout, batch dict of views into it).
 
     The batch dict is that of docs/ARCHITECTURE.md; `collate_cells` returns just the dict.
+    `alloc(nbytes) -> uint8 array` provides the buffer (e.g. in shared memory); default np.empty.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     joinids = np.asarray(joinids, dtype=np.int64)
@@ -163,7 +165,7 @@ def collate_cells_packed(
         pos = 1 + np.arange(len(idx), dtype=np.int64)
     flat = row_base + pos
 
-    buffer, layout, out = allocate_batch(n_cells, width)
+    buffer, layout, out = allocate_batch(n_cells, width, alloc)
     out["gene_ids"].fill(PAD_ID)
     out["gene_ids"][:, 0] = CLS_ID
     out["gene_ids"].reshape(-1)[flat] = genes[idx]
@@ -189,13 +191,13 @@ BATCH_FIELDS = (("gene_ids", np.int64, 2), ("values", np.float32, 2), ("target_v
                 ("cell_ids", np.int64, 1), ("labels", np.int64, 1))
 
 
-def allocate_batch(n_cells: int, width: int) -> tuple[np.ndarray, list, dict[str, np.ndarray]]:
+def allocate_batch(n_cells: int, width: int, alloc=None) -> tuple[np.ndarray, list, dict[str, np.ndarray]]:
     layout, offset = [], 0
     for key, dtype, ndim in BATCH_FIELDS:
         shape = (n_cells, width) if ndim == 2 else (n_cells,)
         layout.append((key, np.dtype(dtype).str, shape, offset))
         offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8  # 8-byte aligned
-    buffer = np.empty(offset, dtype=np.uint8)
+    buffer = np.empty(offset, dtype=np.uint8) if alloc is None else alloc(offset)
     return buffer, layout, unpack_arrays(buffer, layout)
 
 
