@@ -58,8 +58,8 @@ def random_cells(rng, n_cells, n_range=(1, 1500), vocab=5000):
 def test_batch_equals_naive_reference(ratio, known_first):
     rng = np.random.default_rng(7)
     offsets, genes, bins, joinids = random_cells(rng, 24)
-    # edge lengths: one gene, exactly max_genes, max_genes + 1
-    offsets, genes, bins, joinids = _with_edge_cells(rng, offsets, genes, bins, joinids, [1, 60, 61])
+    # edge lengths: no gene, one gene, exactly max_genes, max_genes + 1
+    offsets, genes, bins, joinids = _with_edge_cells(rng, offsets, genes, bins, joinids, [0, 1, 60, 61])
     labels = rng.integers(-1, 5, size=len(joinids))
     b = C.collate_cells(offsets, genes, bins, joinids, labels, seed=3, epoch=2, max_genes=60,
                         mask_ratio=ratio, known_first=known_first)
@@ -156,3 +156,15 @@ def test_mask_ratio_validation():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="mask_ratio"):
             C.check_mask_ratio(bad)
+
+
+def test_kth_smallest_matches_sort():
+    rng = np.random.default_rng(4)
+    counts = np.array([1, 2, 5, 3000, 700, 1024, 9])
+    keys = rng.integers(0, 2**32, counts.sum(), dtype=np.uint64).astype(np.uint32)
+    keys[counts[:3].sum():counts[:4].sum()] >>= 20  # one row crowded into the lowest buckets
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for pick in (lambda n: 1, lambda n: n, lambda n: (n + 1) // 2):
+        kth = np.array([pick(int(n)) for n in counts])
+        expect = [np.sort(keys[starts[i]:starts[i + 1]])[kth[i] - 1] for i in range(len(counts))]
+        assert C.kth_smallest(keys, counts, kth).tolist() == expect

@@ -236,3 +236,23 @@ def test_labels_are_carried(tmp_path):
     _, batches = run(cfg_for(tmp_path, batch_size=4, mask_ratio=0.4))
     got = {c: l for b in batches for c, l in zip(b["cell_ids"].tolist(), b["labels"].tolist())}
     assert got == {100 + i: labels[i] for i in range(n)}
+
+
+def test_resume_does_not_read_shards_already_passed(tiny_shards, tmp_path):
+    """A shard wholly before the resume point may even be corrupt now: it is never opened."""
+    src, _ = tiny_shards
+    manifest = read_manifest(src)
+    order = O.EpochOrder([s["cells"] for s in manifest["shards"]], 11, 0)
+    first = int(order.shard_order[0])  # visited first: positions [0, cells)
+    resume_at = -(-int(order.starts[1]) // 8)  # first batch starting after that shard
+    dst, _ = corrupt_copy(src, tmp_path, "flip")  # corrupts manifest shard 1 ...
+    if first != 1:  # ... make sure it is the one visited first
+        shutil.copy(src / manifest["shards"][1]["name"], dst / manifest["shards"][1]["name"])
+        data = bytearray((dst / manifest["shards"][first]["name"]).read_bytes())
+        data[len(data) // 2] ^= 0x10
+        (dst / manifest["shards"][first]["name"]).write_bytes(bytes(data))
+    clean, full = run(cfg_for(src))
+    _, rest = run(cfg_for(dst, num_workers=2), resume=clean.state_dict(resume_at))
+    assert same(rest, full[resume_at:])
+    with pytest.raises(Exception, match=manifest["shards"][first]["name"]):
+        run(cfg_for(dst), resume=clean.state_dict(resume_at - 1))
