@@ -94,5 +94,52 @@ def main(argv=None) -> int:
     return 0
 
 
+# --- pre-training (owned by the training engineer) ---------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_one(d: Demo, objective: str, ranks: int = 2) -> dict:
+    """2-rank CPU pre-training of one objective through the deepspeed launcher; resumes if cut."""
+    import json
+    import os
+    import subprocess
+
+    run_dir = d.out / "runs" / f"tiny_{objective}"
+    result = run_dir / "result.json"
+    if not result.exists():
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(_free_port()), str(REPO / "launch" / "pretrain.py"),
+               "--config", str(PRETRAIN_CONFIG), "--set", f"objective={objective}", "--set", f"run_dir={run_dir}",
+               "--set", f"vocab={d.vocab}", "--set", f"data.shards_dir={d.shards}"]
+        if list(run_dir.glob("checkpoints/*/COMMITTED")):
+            cmd += ["--resume", "auto"]  # an interrupted demo continues where it stopped
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, env=env, check=True)
+    return json.loads(result.read_text())
+
+
+def step_pretrain(d: Demo) -> str:
+    from celljepa_dist.train.report import plot_loss_curves
+
+    results = {obj: pretrain_one(d, obj) for obj in ("celljepa", "scgpt")}
+    png = plot_loss_curves({obj: d.out / "runs" / f"tiny_{obj}" for obj in results}, d.out / "pretrain_losses.png")
+    lines = [f"{obj}: {r['final_step']} steps, checkpoint {r['checkpoint']}, MLflow run {r['mlflow_run_id']}"
+             for obj, r in results.items()]
+    store = (d.out / "runs" / "mlflow.db").resolve()
+    return "\n    " + "\n    ".join(lines) + f"\n    MLflow store: sqlite:///{store}; loss curves: {png}"
+
+
+STEPS.append(("pretrain", step_pretrain))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,95 @@
+"""Launch paths and what a finished run leaves behind: torchrun + the scGPT baseline, the skip
+policy for non-finite values, and the MLflow record of a run."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sets(run_dir, shards, vocab, extra):
+    out = []
+    for s in [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}", "tracking.progress=false",
+              "data.batch_size=8"] + extra:
+        out += ["--set", s]
+    return out
+
+
+def _run(cmd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _mlflow_run(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    saved = json.loads((run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(saved["tracking_uri"])
+    return client, client.get_run(saved["run_id"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_torchrun_scgpt_baseline_run_is_complete(tiny_shards, tmp_path):
+    shards, vocab = tiny_shards
+    run_dir = tmp_path / "scgpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    cmd += _sets(run_dir, shards, vocab, ["objective=scgpt", "max_steps=6", "checkpoint.every_steps=3",
+                                          "tracking.peak_tflops=0.05"])
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["final_step"] == 6
+    ckpt = Path(result["checkpoint"])
+    assert (ckpt / "COMMITTED").exists() and not (ckpt / "teacher").exists()  # no teacher for scgpt
+    assert {p.name for p in ckpt.glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}
+    losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == list(range(1, 7))
+    assert all("loss_jepa" not in r and r["loss"] == pytest.approx(r["loss_rec"]) for r in losses)
+
+    client, run = _mlflow_run(run_dir)
+    assert run.data.tags["objective"] == "scgpt" and run.data.tags["world_size"] == "2"
+    assert len(run.data.tags["git_sha"]) == 40
+    assert run.data.params["objective"] == "scgpt" and run.data.params["optim.lr"] == "0.001"
+    for key in ("loss", "loss_rec", "lr", "grad_norm", "cells_per_s", "tokens_per_s", "memory_mb", "mfu"):
+        assert key in run.data.metrics, key
+    assert "ema_momentum" not in run.data.metrics and "loss_jepa" not in run.data.metrics
+    assert 0 < run.data.metrics["mfu"] < 1 and run.data.metrics["grad_norm"] > 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "ds_config.json", "vocab.json"} <= artifacts
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_skip_policy_skips_nonfinite_steps_and_finishes(tiny_shards, tmp_path):
+    """Under `skip`, DeepSpeed (ZeRO-1) drops the optimiser step of a non-finite gradient; the run
+    goes on, the teacher is not updated from a skipped step, and nothing non-finite is saved."""
+    shards, vocab = tiny_shards
+    run_dir = tmp_path / "skip"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), str(REPO / "launch" / "pretrain.py"),
+           "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    cmd += _sets(run_dir, shards, vocab, ["nonfinite_policy=skip", "max_steps=5", "optim.lr=1e30",
+                                          "optim.grad_clip=0", "checkpoint.every_steps=0"])
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client, run = _mlflow_run(run_dir)
+    applied = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "step_applied"), key=lambda m: m.step)]
+    assert len(applied) == 5 and applied[0] == 1.0 and 0.0 in applied
+    teacher = torch.load(run_dir / "checkpoints" / "step_00000005" / "teacher" / "teacher.pt",
+                         weights_only=True)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in teacher.values())
