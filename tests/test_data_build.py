@@ -271,3 +271,14 @@ def test_build_config_validation_names_the_field(field, value):
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=field):
         cfg.validate()
+
+
+def test_prefetching_does_not_change_the_output(store, tmp_path, monkeypatch):
+    import celljepa_dist.data.build as B
+
+    store_path, vocab_path = store
+    monkeypatch.setattr(B, "READ_CHUNK_CELLS", 16)
+    build(store_path, vocab_path, tmp_path / "a", cells_per_shard=50)
+    monkeypatch.setattr(B, "PREFETCH_CHUNKS", 0)
+    build(store_path, vocab_path, tmp_path / "b", cells_per_shard=50)
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")

@@ -10,6 +10,8 @@ shards whose record and checksum verify, so a killed job resumes and ends byte-i
 from __future__ import annotations
 
 import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from .vocab import GeneVocab, atomic_write_bytes
 
 PARTS_DIR = ".parts"
 READ_CHUNK_CELLS = 4096
+PREFETCH_CHUNKS = 2  # sub-chunks read ahead in a thread; 0 reads synchronously
 BUILD_PARAMS = "build.json"
 
 
@@ -180,33 +183,51 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
     mine = range(cfg.job_index, n_shards, cfg.num_jobs)
     bar = tqdm(total=sum(min(cfg.cells_per_shard, len(joinids) - i * cfg.cells_per_shard) for i in mine),
                desc=f"shards job {cfg.job_index}/{cfg.num_jobs}", unit="cell", disable=not progress)
+    todo = []
     for i in mine:
         # A killed job leaves its temp file behind; only this job writes shard i, so it may remove it.
         for stale in out.glob(f".{shard_name(i)}.*.tmp"):
             stale.unlink(missing_ok=True)
-        a, b = i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids))
         if _verified_record(out, i) is None:
-            # Read in sub-chunks: peak memory is set by READ_CHUNK_CELLS, not by the shard size.
-            blocks, skipped = [], {}
-            for c0 in range(a, b, READ_CHUNK_CELLS):
-                c1 = min(c0 + READ_CHUNK_CELLS, b)
-                rows = joinids[c0:c1]
-                t0 = time.perf_counter()
-                indptr, gene_index, values = source.read_rows(rows)
-                clock("read", t0)
-                t0 = time.perf_counter()
-                meta = {c: obs[c].iloc[c0:c1].tolist() for c in meta_cols}
-                block, sk = cells_to_block(rows, indptr, gene_index, values, tokens, meta, cfg.n_bins,
-                                           source.layer_is_raw, source.feature_ids, f"{source.where} -> {shard_name(i)}")
-                clock("process", t0)
-                blocks.append(block)
-                skipped = {k: skipped.get(k, 0) + v for k, v in sk.items()}
+            todo.append(i)
+        else:
+            bar.update(min(cfg.cells_per_shard, len(joinids) - i * cfg.cells_per_shard))
+    # Sub-chunks bound peak memory (READ_CHUNK_CELLS, not the shard size); the next one is read
+    # in a background thread while this one is processed (TileDB and numpy release the GIL).
+    chunks = [(i, c0, min(c0 + READ_CHUNK_CELLS, (i + 1) * cfg.cells_per_shard, len(joinids)))
+              for i in todo for c0 in range(i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids)),
+                                            READ_CHUNK_CELLS)]
+
+    def read(k):
+        t0 = time.perf_counter()
+        result = source.read_rows(joinids[chunks[k][1]:chunks[k][2]])
+        clock("read", t0)
+        return result
+
+    blocks, skipped = [], {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = deque(pool.submit(read, k) for k in range(min(PREFETCH_CHUNKS, len(chunks))))
+        for k, (i, c0, c1) in enumerate(chunks):
+            indptr, gene_index, values = pending.popleft().result() if PREFETCH_CHUNKS else read(k)
+            if PREFETCH_CHUNKS and k + PREFETCH_CHUNKS < len(chunks):
+                pending.append(pool.submit(read, k + PREFETCH_CHUNKS))
             t0 = time.perf_counter()
-            entry = write_shard(out / shard_name(i), CellBlock.concat(blocks), cfg.block_size)
-            clock("write", t0)
-            record = {**entry, "skipped": skipped, "first_joinid": int(joinids[a]), "last_joinid": int(joinids[b - 1])}
-            atomic_write_bytes(_record_path(out, i), manifest_bytes(record))
-        bar.update(b - a)
+            meta = {c: obs[c].iloc[c0:c1].tolist() for c in meta_cols}
+            block, sk = cells_to_block(joinids[c0:c1], indptr, gene_index, values, tokens, meta, cfg.n_bins,
+                                       source.layer_is_raw, source.feature_ids, f"{source.where} -> {shard_name(i)}")
+            clock("process", t0)
+            blocks.append(block)
+            skipped = {key: skipped.get(key, 0) + v for key, v in sk.items()}
+            if k + 1 == len(chunks) or chunks[k + 1][0] != i:  # last sub-chunk of shard i
+                t0 = time.perf_counter()
+                entry = write_shard(out / shard_name(i), CellBlock.concat(blocks), cfg.block_size)
+                clock("write", t0)
+                a, b = i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids))
+                record = {**entry, "skipped": skipped, "first_joinid": int(joinids[a]),
+                          "last_joinid": int(joinids[b - 1])}
+                atomic_write_bytes(_record_path(out, i), manifest_bytes(record))
+                bar.update(b - a)
+                blocks, skipped = [], {}
     bar.close()
     extra = {"labels": source.labels} if getattr(source, "labels", None) is not None else {}
     return merge_manifest(out, params, n_shards, genes_unmatched, **extra)
