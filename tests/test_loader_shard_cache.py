@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from celljepa_dist.data.shard_cache import SharedShardCache, make_cache_dir
 from celljepa_dist.data.shards import read_manifest
