@@ -47,7 +47,7 @@ def build_data(out: Path, cells: int) -> tuple[Path, Path]:
     return shards, vocab_path
 
 
-def measure(ranks: int, shards: Path, vocab: Path, out: Path, steps: int, warmup: int) -> float:
+def measure(ranks: int, shards: Path, vocab: Path, out: Path, steps: int, warmup: int, extra: list[str]) -> float:
     """Median per-step cells/s (global, all ranks) of a `ranks`-rank run after `warmup` steps."""
     from mlflow.tracking import MlflowClient
 
@@ -60,7 +60,7 @@ def measure(ranks: int, shards: Path, vocab: Path, out: Path, steps: int, warmup
     # as data parallelism is used in practice).
     sets = [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}", f"max_steps={steps}",
             "epochs=1", "checkpoint.every_steps=0", "tracking.progress=false", "deepspeed.threads_per_rank=1",
-            "objective=celljepa", "data.num_workers=0"]
+            "objective=celljepa", "data.num_workers=0"] + extra
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
            str(_free_port()), str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     for s in sets:
@@ -99,12 +99,14 @@ def main(argv=None) -> int:
     p.add_argument("--cells", type=int, default=6000, help="simulated cells (about 40%% are kidney)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for both runs (e.g. deepspeed.zero_stage=0)")
     args = p.parse_args(argv)
     out = Path(args.out)
     shards, vocab = build_data(out, args.cells)
-    a = measure(1, shards, vocab, out, args.steps, args.warmup)
+    a = measure(1, shards, vocab, out, args.steps, args.warmup, args.overrides)
     print(f"1 rank : {a:.1f} cells/s", flush=True)
-    b = measure(2, shards, vocab, out, args.steps, args.warmup)
+    b = measure(2, shards, vocab, out, args.steps, args.warmup, args.overrides)
     print(f"2 ranks: {b:.1f} cells/s", flush=True)
     plot(a, b, out / "scaling.png")
     print(f"plot: {out / 'scaling.png'}")

@@ -165,7 +165,7 @@ def flatten(obj, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -173,7 +173,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:  # durable before the rename; skipped for per-step heartbeats
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -267,7 +267,7 @@ def run(cfg: TrainConfig) -> RunResult:
                 if losslog is not None:
                     losslog.add(record)
                     # Heartbeat for watchdogs (and the kill test): where the run is right now.
-                    atomic_write_text(run_dir / PROGRESS_FILE, json.dumps({"step": step, "epoch": epoch}))
+                    atomic_write_text(run_dir / PROGRESS_FILE, json.dumps({"step": step, "epoch": epoch}), fsync=False)
                 if step % cfg.tracking.log_every == 0 and step > last_logged:
                     tracker.log_step(step, metrics)
                 if progress is not None:
