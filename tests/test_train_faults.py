@@ -145,7 +145,6 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(fault_setup, stage):
 
 
 @pytest.mark.multiproc
-@pytest.mark.slow
 def test_kill_during_save_resumes_from_previous_commit(fault_setup):
     config, shards, vocab, tmp = fault_setup
     run_dir = tmp / "run"
