@@ -54,7 +54,13 @@ def main(argv=None) -> int:
 
     from celljepa_dist.train.loop import run
 
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # a clean gloo/nccl teardown avoids crashes at interpreter exit
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         last = result.checkpoints[-1] if result.checkpoints else None
         write_result(result, last)

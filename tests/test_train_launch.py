@@ -93,3 +93,26 @@ def test_skip_policy_skips_nonfinite_steps_and_finishes(tiny_shards, tmp_path):
     teacher = torch.load(run_dir / "checkpoints" / "step_00000005" / "teacher" / "teacher.pt",
                          weights_only=True)["state_dict"]
     assert all(torch.isfinite(t).all() for t in teacher.values())
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (1, "bf16"), (3, "bf16")])
+def test_every_zero_stage_and_precision_trains_and_checkpoints(tiny_shards, tmp_path, stage, precision):
+    shards, vocab = tiny_shards
+    run_dir = tmp_path / f"z{stage}_{precision}"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), str(REPO / "launch" / "pretrain.py"),
+           "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    cmd += _sets(run_dir, shards, vocab, [f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
+                                          "max_steps=4", "checkpoint.every_steps=2"])
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loss_jepa"]])).all() for r in losses)
+    ckpt = run_dir / "checkpoints" / "step_00000004"
+    assert (ckpt / "COMMITTED").exists()
+    teacher_files = sorted(p.name for p in (ckpt / "teacher").iterdir())
+    assert teacher_files == (["shard_rank000.pt", "shard_rank001.pt"] if stage == 3 else ["teacher.pt"])
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds_config["zero_optimization"]["stage"] == stage and ds_config["bf16"]["enabled"] == (precision == "bf16")
