@@ -149,10 +149,11 @@ def run(cfg: TrainConfig) -> RunResult:
     n_nonembed = count_nonembedding_params(model.student) + count_nonembedding_params(model.predictor) \
         + count_nonembedding_params(model.value_head)
     engine, _, _ = initialize_engine(cfg, model, ds_config, steps_per_epoch)
+    float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     teacher = None
     if cfg.objective == "celljepa":
         teacher = Teacher(engine.module.student, cfg.deepspeed.zero_stage, lambda: CellEncoder(cfg.model),
-                          ds_config, info.rank)
+                          ds_config, info.rank, forward_dtype=float_dtype)
 
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, info.rank, info.world_size)
     resume_dir = resolve_resume(ckpt.root, cfg.checkpoint.resume)
@@ -180,7 +181,6 @@ def run(cfg: TrainConfig) -> RunResult:
     losslog = _LossLog(run_dir / LOSS_LOG, step) if info.rank == 0 else None
     last_logged = tracker.last_logged_step()
 
-    float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     committed: list[Path] = []
     progress = None
     if info.rank == 0 and cfg.tracking.progress:

@@ -32,11 +32,14 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 class Teacher:
     def __init__(self, student: nn.Module, zero_stage: int, build_like: Callable[[], nn.Module] | None = None,
-                 ds_config: dict | None = None, rank: int = 0):
+                 ds_config: dict | None = None, rank: int = 0, forward_dtype: torch.dtype = torch.float32):
         """`student` is the engine's student encoder (after deepspeed.initialize for ZeRO-3);
         `build_like` builds a fresh module of the same architecture (needed for ZeRO-3)."""
         self.zero_stage = zero_stage
         self.rank = rank
+        # Weights stay fp32 (the EMA needs it); on CUDA the forward may run under autocast so
+        # that half-precision kernels (flash-attn) serve the teacher as they serve the student.
+        self.forward_dtype = forward_dtype
         self.student = student
         if zero_stage == 3:
             import deepspeed
@@ -80,12 +83,16 @@ class Teacher:
     # -- the forward ----------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
-        if self.zero_stage == 3:
-            import deepspeed
+        on_cuda = next(iter(self.student.parameters())).is_cuda
+        autocast = torch.autocast("cuda", dtype=self.forward_dtype,
+                                  enabled=on_cuda and self.forward_dtype != torch.float32)
+        with autocast:
+            if self.zero_stage == 3:
+                import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return self.module(*args, **kwargs)
-        return self.module(*args, **kwargs)
+                with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                    return self.module(*args, **kwargs)
+            return self.module(*args, **kwargs)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Gathered fp32 weights (collective under ZeRO-3: call on every rank)."""
