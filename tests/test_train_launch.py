@@ -116,3 +116,28 @@ def test_every_zero_stage_and_precision_trains_and_checkpoints(tiny_shards, tmp_
     assert teacher_files == (["shard_rank000.pt", "shard_rank001.pt"] if stage == 3 else ["teacher.pt"])
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == stage and ds_config["bf16"]["enabled"] == (precision == "bf16")
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_two_nodes_without_ssh_one_launcher_per_node(tiny_shards, tmp_path):
+    """`deepspeed --no_ssh --node_rank I` per node (as the SLURM script does), two 'nodes' on
+    localhost with one rank each: one job of world size 2."""
+    shards, vocab = tiny_shards
+    run_dir = tmp_path / "twonode"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    port = str(_port())
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in (0, 1):
+        cmd = ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+               "--master_addr", "127.0.0.1", "--master_port", port, str(REPO / "launch" / "pretrain.py"),
+               "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+        cmd += _sets(run_dir, shards, vocab, ["max_steps=4", "checkpoint.every_steps=2"])
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    _, run = _mlflow_run(run_dir)
+    assert run.data.tags["world_size"] == "2"
+    assert {p.name for p in (run_dir / "checkpoints" / "step_00000004").glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}
