@@ -23,16 +23,22 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-_PORT = [29800]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cmd(config: Path, run_dir: Path, shards: Path, vocab: Path, sets: list[str], ranks: int = 2) -> list[str]:
-    _PORT[0] += 1
     base = [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}"]
     args = [str(REPO / "launch" / "pretrain.py"), "--config", str(config)]
     for s in base + sets:
         args += ["--set", s]
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_PORT[0])] + args
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port())] + args
 
 
 def _env(extra: dict | None = None) -> dict:

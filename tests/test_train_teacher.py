@@ -99,7 +99,11 @@ def closed_form_ema(history: list[dict], momenta: list[float]) -> dict:
 @pytest.mark.parametrize("stage", [1, 3])
 def test_teacher_is_closed_form_ema_on_every_rank(tmp_path, stage):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    port = str(29700 + stage)
+    import socket
+
+    with socket.socket() as sock:  # a free port: other jobs may share the machine
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, __file__, "--worker", str(tmp_path), str(stage)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
