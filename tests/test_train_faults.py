@@ -182,6 +182,18 @@ def test_resume_without_committed_checkpoint_is_an_error(fault_setup):
     assert not (run_dir / "losses.jsonl").exists()  # nothing trained
 
 
+def test_fresh_start_over_committed_checkpoints_is_refused(fault_setup):
+    """Without --resume, a run dir that already holds a committed checkpoint is not overwritten."""
+    config, shards, vocab, tmp = fault_setup
+    run_dir = tmp / "taken"
+    done = run_dir / "checkpoints" / "step_00000003"
+    done.mkdir(parents=True)
+    (done / "COMMITTED").write_text("{}")
+    proc = run_job(_cmd(config, run_dir, shards, vocab, FAULT_SETS, ranks=1))
+    assert proc.returncode != 0 and "already holds committed checkpoints" in proc.stdout + proc.stderr
+    assert (done / "COMMITTED").exists()
+
+
 @pytest.mark.multiproc
 def test_nonfinite_loss_stops_before_the_step_with_checkpoints_intact(fault_setup):
     config, shards, vocab, tmp = fault_setup

@@ -23,7 +23,7 @@ from celljepa_dist.config import TrainConfig, atomic_write_text, flatten, save_c
 from celljepa_dist.model import CellJEPA, celljepa_loss, momentum_at, teacher_embedding
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.tracking import git_sha, make_tracker
-from celljepa_dist.train.checkpoint import CheckpointManager, resolve_resume
+from celljepa_dist.train.checkpoint import CheckpointManager, ResumeError, committed_checkpoints, resolve_resume
 from celljepa_dist.train.engine import build_ds_config, init_distributed, initialize_engine
 from celljepa_dist.train.teacher import Teacher
 
@@ -157,6 +157,10 @@ def run(cfg: TrainConfig) -> RunResult:
 
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, info.rank, info.world_size)
     resume_dir = resolve_resume(ckpt.root, cfg.checkpoint.resume)
+    if resume_dir is None and committed_checkpoints(ckpt.root):
+        # A fresh start here would prune and overwrite another run's checkpoints.
+        raise ResumeError(f"{run_dir} already holds committed checkpoints: pass --resume auto to continue "
+                          "it, or choose a new run_dir")
     ckpt.clean_uncommitted()
     step, epoch, batches_done, loader_state = 0, 0, 0, None
     if resume_dir is not None:
