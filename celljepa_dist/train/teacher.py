@@ -57,6 +57,11 @@ class Teacher:
             with torch.no_grad():
                 for t, s in zip(t_params, s_params):
                     t.ds_tensor.copy_(s.ds_tensor.float())
+        elif build_like is not None:
+            # A fresh module + state_dict rather than deepcopy: DeepSpeed hangs optimiser links
+            # (`_hp_mapping`) on ZeRO-1/2 parameters, which a deepcopy would duplicate.
+            self.module = build_like().float()
+            self.module.load_state_dict({k: v.detach().float() for k, v in student.state_dict().items()})
         else:
             self.module = copy.deepcopy(student).float()
         self.module.requires_grad_(False)
