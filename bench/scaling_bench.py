@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,11 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from celljepa_dist.launching import deepspeed_launcher, free_port  # noqa: E402
 
 
 def build_data(out: Path, cells: int) -> tuple[Path, Path]:
@@ -61,8 +56,8 @@ def measure(ranks: int, shards: Path, vocab: Path, out: Path, steps: int, warmup
     sets = [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}", f"max_steps={steps}",
             "epochs=1", "checkpoint.every_steps=0", "tracking.progress=false", "deepspeed.threads_per_rank=1",
             "objective=celljepa", "data.num_workers=0"] + extra
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(_free_port()), str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    cmd = deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
+                             "--config", REPO / "configs" / "tiny_cpu.yaml")
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

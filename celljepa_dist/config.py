@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from celljepa_dist.atomic import atomic_write_text
 from celljepa_dist.data.stream import LoaderConfig
 from celljepa_dist.model.config import LossConfig, ModelConfig
 from celljepa_dist.model.ema import EMAConfig
@@ -163,19 +163,6 @@ def flatten(obj, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide run files from other users of a shared cluster
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        if fsync:  # durable before the rename; skipped for per-step heartbeats
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

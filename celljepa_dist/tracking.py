@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celljepa_dist.config import TrackingConfig, atomic_write_text
+from celljepa_dist.atomic import atomic_write_text
+from celljepa_dist.config import TrackingConfig
 
 RUN_ID_FILE = "mlflow_run.json"
 

@@ -22,6 +22,7 @@ from celljepa_dist.data.shards import MANIFEST_NAME, validate_shards
 from celljepa_dist.data.simulate import SimulationConfig, write_store
 from celljepa_dist.data.summary import plot_shard_summary, summarize_shards
 from celljepa_dist.data.vocab import GeneVocab
+from celljepa_dist.launching import deepspeed_launcher, free_port
 
 
 @dataclass
@@ -99,14 +100,6 @@ REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pretrain_one(d: Demo, objective: str, ranks: int = 2) -> dict:
     """2-rank CPU pre-training of one objective through the deepspeed launcher; resumes if cut."""
     import json
@@ -116,10 +109,10 @@ def pretrain_one(d: Demo, objective: str, ranks: int = 2) -> dict:
     run_dir = d.out / "runs" / f"tiny_{objective}"
     result = run_dir / "result.json"
     if not result.exists():
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), str(REPO / "launch" / "pretrain.py"),
-               "--config", str(PRETRAIN_CONFIG), "--set", f"objective={objective}", "--set", f"run_dir={run_dir}",
-               "--set", f"vocab={d.vocab}", "--set", f"data.shards_dir={d.shards}"]
+        cmd = deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
+                                 "--config", PRETRAIN_CONFIG, "--set", f"objective={objective}",
+                                 "--set", f"run_dir={run_dir}", "--set", f"vocab={d.vocab}",
+                                 "--set", f"data.shards_dir={d.shards}")
         if list(run_dir.glob("checkpoints/*/COMMITTED")):
             cmd += ["--resume", "auto"]  # an interrupted demo continues where it stopped
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}

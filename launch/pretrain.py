@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def write_result(result, last_checkpoint) -> None:
     """`run_dir/result.json`: the finished run at a glance (and the demo's "already done" marker)."""
-    from celljepa_dist.config import atomic_write_text
+    from celljepa_dist.atomic import atomic_write_text
 
     atomic_write_text(Path(result.run_dir) / "result.json", json.dumps(
         {"final_step": result.final_step, "checkpoint": str(last_checkpoint) if last_checkpoint else None,

@@ -15,22 +15,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from celljepa_dist.launching import deepspeed_launcher, free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cmd(config: Path, run_dir: Path, shards: Path, vocab: Path, sets: list[str], ranks: int = 2) -> list[str]:
@@ -38,7 +31,7 @@ def _cmd(config: Path, run_dir: Path, shards: Path, vocab: Path, sets: list[str]
     args = [str(REPO / "launch" / "pretrain.py"), "--config", str(config)]
     for s in base + sets:
         args += ["--set", s]
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port())] + args
+    return deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port()) + args
 
 
 def _env(extra: dict | None = None) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from celljepa_dist.launching import deepspeed_launcher, free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sets(run_dir, shards, vocab, extra):
@@ -47,7 +42,7 @@ def _mlflow_run(run_dir: Path):
 def test_torchrun_scgpt_baseline_run_is_complete(tiny_shards, tmp_path):
     shards, vocab = tiny_shards
     run_dir = tmp_path / "scgpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     cmd += _sets(run_dir, shards, vocab, ["objective=scgpt", "max_steps=6", "checkpoint.every_steps=3",
                                           "tracking.peak_tflops=0.05"])
@@ -81,7 +76,7 @@ def test_skip_policy_skips_nonfinite_steps_and_finishes(tiny_shards, tmp_path):
     goes on, the teacher is not updated from a skipped step, and nothing non-finite is saved."""
     shards, vocab = tiny_shards
     run_dir = tmp_path / "skip"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), str(REPO / "launch" / "pretrain.py"),
+    cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "pretrain.py") + [
            "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     cmd += _sets(run_dir, shards, vocab, ["nonfinite_policy=skip", "max_steps=5", "optim.lr=1e30",
                                           "optim.grad_clip=0", "checkpoint.every_steps=0"])
@@ -101,7 +96,7 @@ def test_skip_policy_skips_nonfinite_steps_and_finishes(tiny_shards, tmp_path):
 def test_every_zero_stage_and_precision_trains_and_checkpoints(tiny_shards, tmp_path, stage, precision):
     shards, vocab = tiny_shards
     run_dir = tmp_path / f"z{stage}_{precision}"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), str(REPO / "launch" / "pretrain.py"),
+    cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "pretrain.py") + [
            "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     cmd += _sets(run_dir, shards, vocab, [f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
                                           "max_steps=4", "checkpoint.every_steps=2"])
@@ -127,11 +122,11 @@ def test_two_nodes_without_ssh_one_launcher_per_node(tiny_shards, tmp_path):
     run_dir = tmp_path / "twonode"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
-    port = str(_port())
+    port = str(free_port())
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     procs = []
     for node in (0, 1):
-        cmd = ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+        cmd = deepspeed_launcher() + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                "--master_addr", "127.0.0.1", "--master_port", port, str(REPO / "launch" / "pretrain.py"),
                "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
         cmd += _sets(run_dir, shards, vocab, ["max_steps=4", "checkpoint.every_steps=2"])

@@ -7,7 +7,6 @@ it under `deepspeed --num_gpus 2` with `--worker`.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from celljepa_dist.launching import deepspeed_launcher, free_port
 
 STEPS = 4
 MOMENTA = [0.5, 0.7, 0.9, 0.8]  # far from 1 so every step visibly moves the teacher
@@ -99,12 +100,7 @@ def closed_form_ema(history: list[dict], momenta: list[float]) -> dict:
 @pytest.mark.parametrize("stage", [1, 3])
 def test_teacher_is_closed_form_ema_on_every_rank(tmp_path, stage):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    import socket
-
-    with socket.socket() as sock:  # a free port: other jobs may share the machine
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, __file__, "--worker", str(tmp_path), str(stage)]
+    cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), __file__, "--worker", tmp_path, stage)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

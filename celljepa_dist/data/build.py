@@ -20,7 +20,9 @@ import numpy as np
 from .binning import BINNING_RULE, bin_csr, check_n_bins
 from .shards import (CellBlock, build_manifest, manifest_bytes, read_manifest, sha256_file, shard_name,
                      write_manifest, write_shard)
-from .vocab import GeneVocab, atomic_write_bytes
+from celljepa_dist.atomic import atomic_write_bytes
+
+from .vocab import GeneVocab
 
 PARTS_DIR = ".parts"
 READ_CHUNK_CELLS = 4096

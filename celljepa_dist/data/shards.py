@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .vocab import atomic_write_bytes
+from celljepa_dist.atomic import atomic_write_bytes
 
 SHARD_FORMAT = "celljepa-shards/1"
 MANIFEST_NAME = "manifest.json"

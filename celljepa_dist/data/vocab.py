@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from celljepa_dist.atomic import atomic_write_bytes
 
 VOCAB_FORMAT = "celljepa-vocab/1"
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -27,24 +28,6 @@ def canonical_json(obj) -> bytes:
 
 def content_sha256(payload: dict) -> str:
     return hashlib.sha256(canonical_json({k: v for k, v in payload.items() if k != "sha256"})).hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shared between users and jobs
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _strip_version(feature_id: str) -> str:

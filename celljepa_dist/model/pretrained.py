@@ -13,30 +13,25 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from celljepa_dist.atomic import atomic_path
+
 from .cell_jepa import CellJEPA
 from .config import ModelConfig
 from .encoder import CellEncoder
 
+
+def _write_atomic(path: Path, write) -> None:
+    with atomic_path(path) as tmp:
+        write(str(tmp))
+
 FORMAT = "celljepa-model/1"
 CONFIG_FILE, MODEL_FILE, TEACHER_FILE, VOCAB_FILE = "config.json", "model.safetensors", "teacher.safetensors", "vocab.json"
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fp32_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,12 +58,12 @@ def save_pretrained(model: CellJEPA, directory: str | os.PathLike, vocab_path: O
         if n_tokens != cfg.vocab_size:
             raise ValueError(f"{vocab_path}: {n_tokens} tokens but ModelConfig.vocab_size={cfg.vocab_size}")
         meta["vocab_sha256"] = hashlib.sha256(vocab_path.read_bytes()).hexdigest()
-        _atomic(directory / VOCAB_FILE, lambda tmp: shutil.copyfile(vocab_path, tmp))
-    _atomic(directory / MODEL_FILE, lambda tmp: save_file(_fp32_state(model), tmp, metadata={"format": FORMAT}))
+        _write_atomic(directory / VOCAB_FILE, lambda tmp: shutil.copyfile(vocab_path, tmp))
+    _write_atomic(directory / MODEL_FILE, lambda tmp: save_file(_fp32_state(model), tmp, metadata={"format": FORMAT}))
     if teacher is not None:
-        _atomic(directory / TEACHER_FILE, lambda tmp: save_file(_fp32_state(teacher), tmp, metadata={"format": FORMAT}))
+        _write_atomic(directory / TEACHER_FILE, lambda tmp: save_file(_fp32_state(teacher), tmp, metadata={"format": FORMAT}))
     # config.json last: a directory with a config is a complete one.
-    _atomic(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
+    _write_atomic(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
     return directory
 
 

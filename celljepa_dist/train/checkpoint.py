@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from celljepa_dist.config import atomic_write_text
+from celljepa_dist.atomic import atomic_path, atomic_write_text
 
 COMMIT_MARKER = "COMMITTED"
 # Test hook: rank 0 SIGKILLs itself in the one window where a save is complete on disk but not
@@ -112,9 +112,8 @@ class CheckpointManager:
         engine.save_checkpoint(str(d / "engine"), tag=ENGINE_TAG, save_latest=False)
         if teacher is not None:
             teacher.save(d / "teacher")
-        tmp = d / f".rank_{self.rank}.pt.tmp"
-        torch.save({"rng": rng_state(), **rank_state}, tmp)
-        os.replace(tmp, d / f"rank_{self.rank}.pt")
+        with atomic_path(d / f"rank_{self.rank}.pt") as tmp:
+            torch.save({"rng": rng_state(), **rank_state}, tmp)
         if self.rank == 0:
             state = {**train_state, "world_size": self.world_size, "has_teacher": teacher is not None}
             atomic_write_text(d / "train_state.json", json.dumps(state, indent=2))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import resource
 import shutil
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from celljepa_dist.config import TrainConfig, atomic_write_text, flatten, save_config
+from celljepa_dist.atomic import atomic_write_text
+from celljepa_dist.config import TrainConfig, flatten, save_config
 from celljepa_dist.model import CellJEPA, celljepa_loss, momentum_at, teacher_embedding
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.tracking import git_sha, make_tracker

@@ -14,20 +14,19 @@ The teacher is never part of the DeepSpeed engine's module: it must not reach th
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from celljepa_dist.atomic import atomic_path
 from celljepa_dist.model.ema import ema_update_
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class Teacher:

@@ -1,0 +1,43 @@
+"""Atomic file writes: a temp file in the same directory, then os.replace.
+
+Readers (another rank, a resumed job, a user's shell) never see half a file: a crash leaves either
+the old file or the new one, plus at worst a hidden `.NAME.*.tmp` that nothing reads.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on normal exit it replaces `path`, on error it is removed.
+
+    The writer inside the block is responsible for flushing/fsyncing if it needs durability.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shared between users and jobs
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:  # durable before the rename; skipped for per-step heartbeats
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
