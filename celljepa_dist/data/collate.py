@@ -18,6 +18,7 @@ skip whole blocks. The model has no positional encoding, so both orders mean the
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -69,29 +70,39 @@ def num_masked(n_kept: np.ndarray, mask_ratio: float) -> np.ndarray:
     return np.ceil(np.round(n_kept * mask_ratio, 6)).astype(n_kept.dtype)
 
 
-_BUCKET_BITS = 10  # 1024 buckets of the 32-bit key per cell
+_BUCKET_BITS = 8  # 256 buckets of the 32-bit key per cell (a few keys each for ~1000-gene cells)
 
 
 def kth_smallest(keys: np.ndarray, counts: np.ndarray, kth: np.ndarray) -> np.ndarray:
     """Per row (rows are consecutive runs of `counts` keys), the kth[r]-th smallest key (1-based,
-    1 <= kth[r] <= counts[r]).
+    1 <= kth[r] <= counts[r])."""
+    return kth_smallest_many(keys, counts, [kth])[0]
+
+
+def kth_smallest_many(keys: np.ndarray, counts: np.ndarray, kths: list[np.ndarray]) -> list[np.ndarray]:
+    """kth_smallest for several rank arrays at once, sharing the per-row histogram.
 
     Vectorised selection without a per-row loop or a full sort: a per-row histogram of the keys'
     top bits finds the bucket holding the answer, and only that bucket's few keys are sorted.
+    The answer is exact whatever the number of buckets; it only sets how many keys get sorted.
     (np.repeat instead of fancy indexing by row: it streams, where a gather does not.)
     """
     n_rows, n_buckets = len(counts), 1 << _BUCKET_BITS
     bucket = (keys >> np.uint32(32 - _BUCKET_BITS)).astype(np.int32)
     slot = bucket + np.repeat(np.arange(0, n_rows * n_buckets, n_buckets, dtype=np.int32), counts)
     cum = np.cumsum(np.bincount(slot, minlength=n_rows * n_buckets).reshape(n_rows, n_buckets), axis=1)
-    target = (cum < kth[:, None]).sum(axis=1)  # first bucket whose running count reaches kth
-    before = np.where(target > 0, cum[np.arange(n_rows), np.maximum(target - 1, 0)], 0)
-    cand = np.flatnonzero(bucket == np.repeat(target.astype(np.int32), counts))
     starts = np.concatenate([[0], np.cumsum(counts)])
-    cand_row = np.searchsorted(starts, cand, side="right") - 1
-    cand = cand[np.lexsort((keys[cand], cand_row))]  # by row, then key
-    first = np.searchsorted(np.sort(cand_row), np.arange(n_rows))
-    return keys[cand[first + (kth - before) - 1]]
+    rows = np.arange(n_rows)
+    out = []
+    for kth in kths:
+        target = (cum < kth[:, None]).sum(axis=1)  # first bucket whose running count reaches kth
+        before = np.where(target > 0, cum[rows, np.maximum(target - 1, 0)], 0)
+        cand = np.flatnonzero(bucket == np.repeat(target.astype(np.int32), counts))
+        cand_row = np.searchsorted(starts, cand, side="right") - 1
+        cand = cand[np.lexsort((keys[cand], cand_row))]  # by row, then key
+        first = np.searchsorted(np.sort(cand_row), rows)
+        out.append(keys[cand[first + (kth - before) - 1]])
+    return out
 
 
 def select_tokens(offsets, genes, joinids, *, seed, epoch, max_genes, mask_ratio):
@@ -110,11 +121,13 @@ def select_tokens(offsets, genes, joinids, *, seed, epoch, max_genes, mask_ratio
     counts = n[has]
     keys = gene_keys(genes, np.repeat(cell_keys(seed, epoch, np.asarray(joinids)[has]), counts))
     top = np.uint32(np.iinfo(np.uint32).max)
-    keep_thr = np.where(n_kept[has] < counts, kth_smallest(keys, counts, np.maximum(n_kept[has], 1)), top)
-    kept = keys <= np.repeat(keep_thr.astype(np.uint32), counts)
     m = n_masked[has]
+    kths = [np.maximum(n_kept[has], 1)] + ([np.maximum(m, 1)] if m.any() else [])
+    thresholds = kth_smallest_many(keys, counts, kths)
+    keep_thr = np.where(n_kept[has] < counts, thresholds[0], top)
+    kept = keys <= np.repeat(keep_thr.astype(np.uint32), counts)
     if m.any():
-        mask_thr = kth_smallest(keys, counts, np.maximum(m, 1))
+        mask_thr = thresholds[1]
         masked = (keys <= np.repeat(mask_thr, counts)) & np.repeat(m > 0, counts)
     else:
         masked = np.zeros(nnz, bool)
@@ -151,8 +164,8 @@ def collate_cells_packed(
     kept_start = np.concatenate([[0], np.cumsum(n_kept)])[:-1]
     width = int(n_kept.max()) + 1 if n_cells else 1
     # flat index of each kept token = row * width + position; (row * width - kept_start) per row
-    row_base = np.repeat(np.arange(n_cells, dtype=np.int64) * width - kept_start, n_kept)
     if known_first:
+        row_base = np.repeat(np.arange(n_cells, dtype=np.int64) * width - kept_start, n_kept)
         known = ~is_masked
         known_before = np.cumsum(known) - known  # exclusive prefix counts
         masked_before = np.cumsum(is_masked) - is_masked
@@ -161,9 +174,10 @@ def collate_cells_packed(
         masked_rank = masked_before - masked_before[first]
         n_known = np.repeat(n_kept - n_masked, n_kept)
         pos = np.where(known, 1 + known_rank, 1 + n_known + masked_rank) + first
-    else:
-        pos = 1 + np.arange(len(idx), dtype=np.int64)
-    flat = row_base + pos
+        flat = row_base + pos
+    else:  # row * width + 1 + (i - kept_start[row]) for the i-th kept token
+        flat = np.repeat(np.arange(1, n_cells * width + 1, width, dtype=np.int64) - kept_start, n_kept)
+        flat += np.arange(len(idx), dtype=np.int64)
 
     buffer, layout, out = allocate_batch(n_cells, width, alloc)
     out["gene_ids"].fill(PAD_ID)
@@ -192,21 +206,34 @@ BATCH_FIELDS = (("gene_ids", np.int64, 2), ("values", np.float32, 2), ("target_v
 
 
 def allocate_batch(n_cells: int, width: int, alloc=None) -> tuple[np.ndarray, list, dict[str, np.ndarray]]:
+    layout, nbytes = _layout(n_cells, width)
+    buffer = np.empty(nbytes, dtype=np.uint8) if alloc is None else alloc(nbytes)
+    return buffer, list(layout), unpack_arrays(buffer, layout)
+
+
+@functools.lru_cache(maxsize=256)  # batches repeat a few (n_cells, width) shapes
+def _layout(n_cells: int, width: int) -> tuple[tuple, int]:
     layout, offset = [], 0
     for key, dtype, ndim in BATCH_FIELDS:
         shape = (n_cells, width) if ndim == 2 else (n_cells,)
         layout.append((key, np.dtype(dtype).str, shape, offset))
         offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8  # 8-byte aligned
-    buffer = np.empty(offset, dtype=np.uint8) if alloc is None else alloc(offset)
-    return buffer, layout, unpack_arrays(buffer, layout)
+    return tuple(layout), offset
+
+
+def _hashable(layout) -> tuple:
+    """The layout as nested tuples (pin_memory turns tuples into lists on the way)."""
+    return tuple((key, dtype, tuple(shape), int(start)) for key, dtype, shape, start in layout)
+
+
+@functools.lru_cache(maxsize=256)
+def _views(layout: tuple) -> tuple:
+    return tuple((key, np.dtype(dtype), shape, start, start + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+                 for key, dtype, shape, start in layout)
 
 
 def unpack_arrays(buffer: np.ndarray, layout: list) -> dict[str, np.ndarray]:
-    out = {}
-    for key, dtype, shape, start in layout:
-        dt = np.dtype(dtype)
-        out[key] = buffer[start : start + int(np.prod(shape)) * dt.itemsize].view(dt).reshape(shape)
-    return out
+    return {key: buffer[start:stop].view(dt).reshape(shape) for key, dt, shape, start, stop in _views(_hashable(layout))}
 
 
 def collate_cells(*args, **kwargs) -> dict[str, np.ndarray]:

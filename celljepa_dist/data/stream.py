@@ -20,9 +20,11 @@ they exceed `max_skip_fraction` of the rank's cells.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import order as O
-from .collate import check_mask_ratio, collate_cells_packed, gather_cells
+from .collate import _hashable, check_mask_ratio, collate_cells_packed, gather_cells
 from .shard_cache import SharedShardCache, make_cache_dir
 from .shard_reader import ShardCells, ShardError, read_shard_cells  # noqa: F401 (re-exported)
 from .shards import check_vocab_hash, read_manifest
@@ -94,6 +96,46 @@ class SharedBuffer:
         return self.tensor.numpy()
 
 
+class _ReadAhead:
+    """Decodes one shard ahead in a background thread (file reading, sha256 and numpy copies
+    release the GIL, so this overlaps with building batches). get() returns a shard, reading it
+    here when it was not started ahead; errors are raised by get(), as a direct read would."""
+
+    def __init__(self, load):
+        self.load = load
+        self._jobs: dict[int, tuple[threading.Thread, list]] = {}
+
+    def start(self, index: int) -> None:
+        if index in self._jobs:
+            return
+        box: list = []
+
+        def work():
+            try:
+                box.append((True, self.load(index)))
+            except BaseException as e:  # handed to get()
+                box.append((False, e))
+
+        thread = threading.Thread(target=work, name=f"shard-read-ahead-{index}", daemon=True)
+        self._jobs[index] = (thread, box)
+        thread.start()
+
+    def get(self, index: int):
+        job = self._jobs.pop(index, None)
+        if job is None:
+            return self.load(index)
+        job[0].join()
+        ok, value = job[1][0]
+        if not ok:
+            raise value.with_traceback(None)
+        return value
+
+    def join(self) -> None:
+        for thread, _ in self._jobs.values():
+            thread.join()
+        self._jobs.clear()
+
+
 class CellStream(IterableDataset):
     """Yields one rank's batches of one epoch (from `start_batch`); see the module docstring."""
 
@@ -127,7 +169,7 @@ class CellStream(IterableDataset):
                 lost += max(0, b - a)
         return lost
 
-    def _resolve(self, order, positions, cache, bad, shared=None):
+    def _resolve(self, order, positions, cache, bad, shared=None, ahead=None):
         """Positions -> (shard, cell) after loading shards, marking bad ones and refilling."""
         while True:
             pos = O.fill_skipped(order, self.plan, positions, bad)
@@ -137,7 +179,12 @@ class CellStream(IterableDataset):
                 if s in cache:
                     continue
                 try:
-                    cache[s] = shared.get(s) if shared is not None else self._load(s)
+                    if shared is not None:
+                        cache[s] = shared.get(s)
+                    elif ahead is not None:
+                        cache[s] = ahead.get(s)
+                    else:
+                        cache[s] = self._load(s)
                 except ShardError as e:
                     if self.cfg.on_error == "raise":
                         raise
@@ -184,9 +231,11 @@ class CellStream(IterableDataset):
         order = O.EpochOrder(self.shard_cells, self.cfg.seed, self.epoch)
         visit_of = np.empty(len(self.shards), dtype=np.int64)
         visit_of[order.shard_order] = np.arange(len(self.shards))
-        shared = None
+        shared = ahead = None
         if workers > 1 and self.cache_root is not None:
             shared = SharedShardCache(self.cache_root, self._load, ShardCells, ShardError)
+        else:  # a lone reader (in-process or one worker) decodes the next shard in a thread
+            ahead = _ReadAhead(self._load)
         cache: dict[int, ShardCells] = {}
         opened: set[int] = set()
         bad: set[int] = {i for i in range(len(self.shards)) if int(self.bad_flags[i])}
@@ -194,7 +243,7 @@ class CellStream(IterableDataset):
             for b in O.worker_batches(self.plan.num_batches, self.start_batch, worker, workers, self.chunk):
                 positions = O.batch_positions(self.plan, b)
                 self.progress[worker] = int(positions[0])  # shards wholly before this may go
-                shard, cell = self._resolve(order, positions, cache, bad, shared)
+                shard, cell = self._resolve(order, positions, cache, bad, shared, ahead)
                 used = set(shard.tolist())
                 for s in [s for s in cache if s not in used]:  # spans move forward: keep only live shards
                     del cache[s]
@@ -202,6 +251,10 @@ class CellStream(IterableDataset):
                 if shared is not None:
                     opened |= used
                     self._share_housekeeping(shared, order, visit_of, opened, int(positions[-1]))
+                elif ahead is not None:
+                    nxt = self._next_shard(order, int(positions[-1]))
+                    if nxt is not None and nxt not in cache and nxt not in bad:
+                        ahead.start(nxt)
                 if info is None:
                     buffer, layout, _ = self._assemble(shard, cell, cache)
                     yield b, torch.from_numpy(buffer), layout
@@ -213,17 +266,24 @@ class CellStream(IterableDataset):
             self.progress[worker] = self.plan.span_stop
             if shared is not None:
                 shared.join()
+            if ahead is not None:
+                ahead.join()
 
-    def _share_housekeeping(self, shared, order, visit_of, opened, last_position):
-        """Decode the next shard ahead; delete shards every worker has moved past."""
+    def _next_shard(self, order, last_position: int) -> int | None:
+        """The first non-empty shard of the rank's span visited after the one holding last_position."""
         visit = int(np.searchsorted(order.starts, last_position, side="right") - 1) + 1
         while visit < len(order.shard_order) and order.starts[visit] < self.plan.span_stop:
             nxt = int(order.shard_order[visit])
             if self.shard_cells[nxt] > 0:
-                if nxt not in opened:
-                    shared.prefetch(nxt)
-                break
+                return nxt
             visit += 1
+        return None
+
+    def _share_housekeeping(self, shared, order, visit_of, opened, last_position):
+        """Decode the next shard ahead; delete shards every worker has moved past."""
+        nxt = self._next_shard(order, last_position)
+        if nxt is not None and nxt not in opened:
+            shared.prefetch(nxt)
         slowest = int(self.progress.min())
         for s in [s for s in opened if order.starts[visit_of[s] + 1] <= slowest]:
             shared.release(s)
@@ -234,12 +294,16 @@ class CellStream(IterableDataset):
 
 def unpack_batch(buffer: torch.Tensor, layout: list) -> dict[str, torch.Tensor]:
     """Tensor views into the (possibly pinned) batch buffer built by collate_cells_packed; no copy."""
-    out = {}
+    return {key: buffer[start:stop].view(dt).reshape(shape) for key, dt, shape, start, stop in _torch_views(_hashable(layout))}
+
+
+@functools.lru_cache(maxsize=256)  # batches repeat a few layouts
+def _torch_views(layout: tuple) -> tuple:
+    out = []
     for key, dtype, shape, start in layout:
         dt = np.dtype(dtype)
-        n = int(np.prod(shape)) * dt.itemsize
-        out[key] = buffer[start : start + n].view(_TORCH_DTYPES[dt.str]).reshape(shape)
-    return out
+        out.append((key, _TORCH_DTYPES[dt.str], tuple(shape), start, start + int(np.prod(shape)) * dt.itemsize))
+    return tuple(out)
 
 
 _TORCH_DTYPES = {np.dtype(d).str: t for d, t in [(np.int64, torch.int64), (np.int32, torch.int32),
