@@ -188,9 +188,10 @@ def collate_cells_packed(
     target[:, 0] = CLS_VALUE
     target.reshape(-1)[flat] = bins[idx]
     out["value_mask"].fill(False)
-    out["value_mask"].reshape(-1)[flat[is_masked]] = True
+    masked_flat = flat[is_masked]
+    out["value_mask"].reshape(-1)[masked_flat] = True
     np.copyto(out["values"], target)
-    out["values"].reshape(-1)[flat[is_masked]] = MASK_VALUE
+    out["values"].reshape(-1)[masked_flat] = MASK_VALUE
     out["lengths"][:] = n_kept + 1
     np.greater_equal(np.arange(width)[None, :], out["lengths"][:, None], out=out["padding_mask"])
     out["cell_ids"][:] = joinids
