@@ -38,6 +38,10 @@ def _env(extra: dict | None = None) -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
+def _shm_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def run_job(cmd, extra_env=None, timeout=400) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(extra_env), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
@@ -94,6 +98,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(fault_setup, stage):
     per_epoch = steps_per_epoch(shards)
     total = 2 * per_epoch
 
+    shm_before = _shm_buffers()
     ref = run_job(_cmd(config, ref_dir, shards, vocab, sets))
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
@@ -109,6 +114,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(fault_setup, stage):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    # DeepSpeed's CPU all-reduce segments (69 MB per rank in /dev/shm, i.e. RAM) must not outlive
+    # the run, even a SIGKILLed one: each rank unlinks its own right after init.
+    assert _shm_buffers() - shm_before == set(), "a run left DeepSpeed shm segments in /dev/shm"
     killed_at = json.loads(progress.read_text())["step"]
     assert 13 <= killed_at < per_epoch, f"killed at step {killed_at}: not mid-epoch past the checkpoint"
     committed = sorted(p.parent.name for p in (kill_dir / "checkpoints").glob("*/COMMITTED"))

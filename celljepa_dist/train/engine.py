@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,23 @@ def resolve_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def shm_allreduce_buffer_path(rank: int, env=os.environ) -> Path:
+    """Where DeepSpeed's CPU shm all-reduce keeps this rank's ~69 MB workspace (shm.cpp's name)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+                               f"{env.get('MASTER_PORT', '')}_{rank}")
+
+
+def unlink_shm_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed 0.19 never unlinks its CPU all-reduce segments: every multi-rank CPU run (and
+    every killed one) would leave 69 MB per rank in /dev/shm, i.e. in RAM, until reboot. Once
+    every rank has mapped every peer's segment (init_distributed returned everywhere: barrier),
+    the names are no longer needed; the mappings stay valid after unlink (POSIX)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    shm_allreduce_buffer_path(rank).unlink(missing_ok=True)
+
+
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Join the process group set up by `deepspeed`/`torchrun` (env vars) or start a 1-rank one."""
     import deepspeed
@@ -45,6 +63,8 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
         local_rank=int(os.environ["LOCAL_RANK"]),
         backend=backend,
     )
+    if backend == "gloo":
+        unlink_shm_allreduce_buffer(info.rank)
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     elif cfg.deepspeed.threads_per_rank > 0:
