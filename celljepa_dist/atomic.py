@@ -1,10 +1,12 @@
-"""Atomic file writes: a temp file in the same directory, then os.replace.
+"""Atomic file writes (a temp file in the same directory, then os.replace) and JSON reads whose
+errors name the file.
 
 Readers (another rank, a resumed job, a user's shell) never see half a file: a crash leaves either
 the old file or the new one, plus at worst a hidden `.NAME.*.tmp` that nothing reads.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -41,3 +43,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True)
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """Parse a JSON file; a missing or broken file raises an error naming `what` and the path."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None

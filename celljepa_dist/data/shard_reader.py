@@ -98,7 +98,7 @@ def read_shard_cells(path: str | Path, expected_sha256: str | None = None, expec
     digest: list[str] = []
     hasher = None
     if expected_sha256 is not None:  # hashed in a thread (hashlib releases the GIL) while the tar is parsed
-        hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()),
+        hasher = threading.Thread(target=lambda d=data: digest.append(hashlib.sha256(d).hexdigest()),
                                   name="shard-sha256", daemon=True)
         hasher.start()
     cells = error = None

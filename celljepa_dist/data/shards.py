@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from celljepa_dist.atomic import atomic_write_bytes
+from celljepa_dist.atomic import atomic_write_bytes, read_json
 
 SHARD_FORMAT = "celljepa-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -250,12 +250,7 @@ def read_manifest(shards_dir_or_file: str | os.PathLike) -> dict:
     path = Path(shards_dir_or_file)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"manifest not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"manifest {path} is not valid JSON: {e}") from None
+    manifest = read_json(path, "manifest")
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ValueError(f"manifest {path} lacks keys {missing}")

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from celljepa_dist.atomic import atomic_write_bytes
+from celljepa_dist.atomic import atomic_write_bytes, read_json
 
 VOCAB_FORMAT = "celljepa-vocab/1"
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -88,12 +88,7 @@ class GeneVocab:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GeneVocab":
         path = Path(path)
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"vocab file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"vocab file {path} is not valid JSON: {e}") from None
+        payload = read_json(path, "vocab file")
         for key in ("format", "special_tokens", "genes", "sha256"):
             if key not in payload:
                 raise ValueError(f"vocab file {path} lacks the key {key!r}")
