@@ -17,6 +17,7 @@ setup(
     install_requires=[
         "torch>=2.5",  # FlexAttention; `make` installs the local CPU wheel 2.13.0 first
         "numpy>=1.24",
+        "numba>=0.60",  # compiled per-cell kernels of the shard builder (data/kernels.py)
         "scipy>=1.10",
         "pandas>=2.0",
         "pyyaml>=6.0",

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .binning import BINNING_RULE, bin_csr, check_n_bins
+from .binning import BINNING_RULE, check_n_bins
+from .kernels import NEGATIVE, NOT_FINITE, NOT_INTEGER, OK, prepare_rows, quantile_positions
 from .shards import (CellBlock, build_manifest, manifest_bytes, read_manifest, sha256_file, shard_name,
                      write_manifest, write_shard)
 from celljepa_dist.atomic import atomic_write_bytes
@@ -74,54 +75,24 @@ def cells_to_block(joinids: np.ndarray, indptr: np.ndarray, gene_index: np.ndarr
                    feature_ids: list[str], where: str) -> tuple[CellBlock, dict]:
     """Validate, map genes to tokens, bin, and drop empty cells: one shard's worth of cells.
 
-    Hot path: the common case (all values valid, every gene in the vocab, tokens already
-    ascending) costs a handful of linear passes; the fixes for the other cases run only if needed."""
-    values = np.asarray(values, dtype=np.float32)
-    indptr = np.asarray(indptr, dtype=np.int64)
-
-    def fail(mask: np.ndarray, what: str):
-        k = int(np.flatnonzero(mask)[0])
+    One compiled pass per cell (kernels.prepare_rows); this wrapper only names what failed."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    gene_index = np.ascontiguousarray(gene_index)
+    offsets, tok, vals, bins, kept, n_zeros, n_unmatched, code, k = prepare_rows(
+        indptr, gene_index, values, tokens, quantile_positions(n_bins), bool(raw_check))
+    if code != OK:
+        what = {NOT_FINITE: "is not finite", NEGATIVE: "is negative (counts must be >= 0)",
+                NOT_INTEGER: "is not an integer count (declared raw; pass --allow-non-integer if intended)"}[code]
         row = int(np.searchsorted(indptr, k, side="right") - 1)
         raise ValueError(f"{where}: cell soma_joinid={int(joinids[row])}, gene {feature_ids[gene_index[k]]}: "
                          f"value {values[k]!r} {what}")
-
-    # One reduction answers "all finite and >= 0" (NaN fails the comparison); locate only on failure.
-    if not values.min(initial=0.0) >= 0 or not np.isfinite(values.max(initial=0.0)):
-        bad = ~np.isfinite(values)
-        if bad.any():
-            fail(bad, "is not finite")
-        fail(values < 0, "is negative (counts must be >= 0)")
-    if raw_check:
-        frac = np.modf(values)[0]
-        if frac.any():
-            fail(frac != 0, "is not an integer count (declared raw; pass --allow-non-integer if intended)")
-
-    tok = tokens[gene_index]
-    zeros = values == 0
-    unmatched = tok < 0
-    n_zeros, n_unmatched = int(zeros.sum()), int((unmatched & ~zeros).sum())
-    lengths = np.diff(indptr)
-    if n_zeros or n_unmatched:
-        keep = ~zeros & ~unmatched
-        row_of = np.repeat(np.arange(len(joinids)), lengths)[keep]
-        tok, values = tok[keep], values[keep]
-        lengths = np.bincount(row_of, minlength=len(joinids))
-    nonempty = lengths > 0
-    offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])]).astype(np.int64)
-    if len(tok) > 1:
-        # Tokens ascend within a cell (the documented order); sort only if the vocab reorders genes.
-        step = np.diff(tok)
-        step[offsets[1:-1] - 1] = 1  # row boundaries may step down
-        if (step <= 0).any():
-            rows = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
-            order = np.argsort((rows << 32) | tok.astype(np.int64), kind="stable")
-            tok, values = tok[order], values[order]
-    bins = bin_csr(offsets, values, n_bins, check=False)
-    kept = np.flatnonzero(nonempty)
+    nnz = int(offsets[-1])
     all_kept = len(kept) == len(joinids)
-    block = CellBlock(offsets, tok.astype(np.int32), bins, values, np.asarray(joinids, np.int64)[kept],
-                      {k: (list(v) if all_kept else [v[i] for i in kept]) for k, v in meta.items()})
-    skipped = {"empty_cells": int((~nonempty).sum()), "explicit_zeros": n_zeros, "entries_not_in_vocab": n_unmatched}
+    block = CellBlock(offsets, tok[:nnz], bins[:nnz], vals[:nnz], np.asarray(joinids, np.int64)[kept],
+                      {key: (list(v) if all_kept else [v[i] for i in kept]) for key, v in meta.items()})
+    skipped = {"empty_cells": len(joinids) - len(kept), "explicit_zeros": int(n_zeros),
+               "entries_not_in_vocab": int(n_unmatched)}
     return block, skipped
 
 

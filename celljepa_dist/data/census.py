@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .kernels import OK, coo_to_csr
+
 DEFAULT_OBS_FILTER = "tissue_general == 'kidney' and is_primary_data == True"
 META_COLUMNS = ("cell_type", "dataset_id", "donor_id", "assay")
 # Rows closer than this are read as one slice (TileDB slices are ~10x faster than point lists).
@@ -55,26 +57,33 @@ def runs_to_ranges(joinids: np.ndarray, max_gap: int = MAX_READ_GAP) -> list[tup
     return [(int(joinids[a]), int(joinids[b])) for a, b in zip(starts, ends)]
 
 
-def coo_rows_to_csr(joinids: np.ndarray, dim0: np.ndarray, dim1: np.ndarray, data: np.ndarray):
-    """Keep entries whose row is in `joinids` (sorted, unique) and return CSR in joinids order.
+class DuplicateEntryError(ValueError):
+    def __init__(self, joinid: int, gene_index: int):
+        super().__init__(f"cell soma_joinid={joinid} has more than one X entry for gene #{gene_index}")
+        self.joinid, self.gene_index = joinid, gene_index
 
-    TileDB's unordered reads are ~15x faster than row-major ones. On a store tiled by whole rows
-    they come grouped by row already (checked in one pass); otherwise entries are sorted by
-    (row, gene). Genes are then ascending within a row except if the store's tiles themselves were
-    unordered within a row, which cells_to_block's token-order check repairs anyway."""
-    dim0 = dim0.astype(np.int64, copy=False)
-    if len(dim0) > 1 and (dim0[1:] < dim0[:-1]).any():
-        order = np.argsort((dim0 << 32) | dim1.astype(np.int64, copy=False), kind="stable")
-        dim0, dim1, data = dim0[order], dim1[order], data[order]
-    # Per wanted row, its slice of the sorted entries: a binary search per row, not per entry.
-    starts = np.searchsorted(dim0, joinids, side="left")
-    lengths = np.searchsorted(dim0, joinids, side="right") - starts
-    indptr = np.zeros(len(joinids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    if indptr[-1] == len(dim0):  # every entry belongs to a wanted row
-        return indptr, dim1.astype(np.int64, copy=False), data
-    take = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
-    return indptr, dim1[take].astype(np.int64, copy=False), data[take]
+
+def coo_rows_to_csr(joinids: np.ndarray, dim0: np.ndarray, dim1: np.ndarray, data: np.ndarray):
+    """Keep entries whose row is in `joinids` (sorted, unique) and return CSR (indptr, genes,
+    values) in joinids order, genes ascending within each row; entries may come in any order.
+
+    On the Census layout an unordered read returns each 2048-row x 2048-gene tile row-major, tile
+    after tile, so a row's genes arrive in up to 5 ascending pieces: kernels.coo_to_csr scatters
+    entries stably into their rows (through a lookup table from joinid to row when the chunk is
+    dense enough) and sorts only a row whose genes do not ascend. Raises DuplicateEntryError for a
+    repeated (cell, gene) entry (the Census schema allows duplicate coordinates; a cell must not)."""
+    joinids = np.ascontiguousarray(joinids, dtype=np.int64)
+    if len(joinids) and joinids[-1] - joinids[0] < 64 * len(joinids):
+        position_of = np.full(int(joinids[-1] - joinids[0] + 1), -1, dtype=np.int32)
+        position_of[joinids - joinids[0]] = np.arange(len(joinids), dtype=np.int32)
+    else:  # sparse chunk: binary search per entry instead of a huge table
+        position_of = np.zeros(0, dtype=np.int32)
+    indptr, genes, values, code, joinid, gene = coo_to_csr(
+        joinids, position_of, np.ascontiguousarray(dim0, dtype=np.int64), np.ascontiguousarray(dim1, dtype=np.int64),
+        np.ascontiguousarray(data, dtype=np.float32))
+    if code != OK:
+        raise DuplicateEntryError(int(joinid), int(gene))
+    return indptr, genes, values
 
 
 class CensusSource:
@@ -152,8 +161,12 @@ class CensusSource:
                 data.append(t.column("soma_data").to_numpy())
         if not dim0:
             return np.zeros(len(joinids) + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return coo_rows_to_csr(joinids, np.concatenate(dim0), np.concatenate(dim1),
-                               np.concatenate(data).astype(np.float32, copy=False))
+        try:
+            return coo_rows_to_csr(joinids, np.concatenate(dim0), np.concatenate(dim1),
+                                   np.concatenate(data).astype(np.float32, copy=False))
+        except DuplicateEntryError as e:
+            raise ValueError(f"{self.where}: cell soma_joinid={e.joinid} has more than one X[{self.cfg.layer!r}] "
+                             f"entry for gene {self.feature_ids[e.gene_index]}") from None
 
 
 @dataclass

@@ -50,9 +50,19 @@ DATASETS = [
 ASSAY_LIBRARY = {"10x 3' v3": 3000.0, "10x 3' v2": 1800.0, "10x 5' v1": 2200.0}
 OBS_STRING_COLUMNS = ("dataset_id", "donor_id", "assay", "cell_type", "tissue", "tissue_general", "disease",
                       "suspension_type")
-BLOCK_CELLS = 2048  # sampling unit: results depend on (seed, block index) only
-SEGMENT_CELLS = 64  # consecutive cells from one dataset
+BLOCK_CELLS = 2048  # sampling unit: results depend on (seed, block index) only; one X row tile
 COMPLETE_MARKER = "simulation.json"
+LAYOUT_VERSION = 2  # 2: Census X schema, datasets as contiguous joinid ranges (1: runs of 64 cells)
+# The hosted Census' X layer schema (cellxgene-census builder, CENSUS_DEFAULT_X_LAYERS_PLATFORM_CONFIG):
+# 2048 x 2048 space tiles, 2^16 entries per data tile, zstd-9 (byte-shuffled genes and values),
+# duplicates allowed. Readers are timed against this layout, so it must be the real one.
+X_TILE = BLOCK_CELLS  # 2048, the Census tile extent
+CENSUS_X_PLATFORM_CONFIG = {"tiledb": {"create": {
+    "capacity": 2 ** 16,
+    "dims": {"soma_dim_0": {"tile": X_TILE, "filters": [{"_type": "ZstdFilter", "level": 9}]},
+             "soma_dim_1": {"tile": X_TILE, "filters": ["ByteShuffleFilter", {"_type": "ZstdFilter", "level": 9}]}},
+    "attrs": {"soma_data": {"filters": ["ByteShuffleFilter", {"_type": "ZstdFilter", "level": 9}]}},
+    "cell_order": "row-major", "tile_order": "row-major", "allows_duplicates": True}}}
 
 
 @dataclass
@@ -114,6 +124,12 @@ class CensusWorld:
             })
         self.dup_dataset_id = {tg: str(uuid.UUID(bytes=rng.bytes(16), version=4)) for tg in TISSUES}
         self._base, self._type_prog, self._tissue_prog = base, type_prog, tissue_prog
+        # The Census appends dataset after dataset, so each dataset is one contiguous joinid range
+        # (and a tissue filter selects a few long runs). Sizes follow the weights; order is seeded.
+        order = np.random.default_rng([cfg.seed, 2]).permutation(len(self.datasets))
+        weights = np.array([self.datasets[d]["weight"] for d in order])
+        self.dataset_order = order
+        self.dataset_ends = np.round(np.cumsum(weights) / weights.sum() * cfg.cells).astype(np.int64)
         self._profiles: dict[tuple[int, int, int], np.ndarray] = {}
 
     def profile(self, d: int, donor: int, t: int) -> np.ndarray:
@@ -132,10 +148,8 @@ def simulate_block(world: CensusWorld, block: int, n_cells: int):
     """Cells of one block: (obs columns dict, CSR indptr, gene indices, float32 counts)."""
     cfg = world.cfg
     rng = np.random.default_rng([cfg.seed, 1, block])
-    weights = np.array([d["weight"] for d in world.datasets])
-    # Census joinids come grouped by dataset: give each run of SEGMENT_CELLS cells one dataset.
-    n_seg = -(-n_cells // SEGMENT_CELLS)
-    ds_idx = np.repeat(rng.choice(len(world.datasets), size=n_seg, p=weights / weights.sum()), SEGMENT_CELLS)[:n_cells]
+    positions = block * BLOCK_CELLS + np.arange(n_cells)
+    ds_idx = world.dataset_order[np.searchsorted(world.dataset_ends, positions, side="right")]
     n_donors = np.array([len(d["donors"]) for d in world.datasets])
     donor_idx = np.floor(rng.random(n_cells) * n_donors[ds_idx]).astype(np.int64)
     u_type = rng.random(n_cells)
@@ -195,6 +209,10 @@ def _string_table(columns: dict, joinids: np.ndarray):
     return pa.table(data)
 
 
+def _marker(cfg: SimulationConfig) -> dict:
+    return {**asdict(cfg), "layout_version": LAYOUT_VERSION}
+
+
 def write_store(out: str | os.PathLike, cfg: SimulationConfig, progress: bool = True) -> Path:
     """Simulate and write the store; atomic (built beside `out`, then renamed) and idempotent."""
     import pyarrow as pa
@@ -206,7 +224,7 @@ def write_store(out: str | os.PathLike, cfg: SimulationConfig, progress: bool = 
     marker = out / COMPLETE_MARKER
     if marker.exists():
         done = json.loads(marker.read_text())
-        if done != asdict(cfg):
+        if done != _marker(cfg):
             raise ValueError(f"{out} already holds a simulated store with different settings {done}; "
                              f"choose another --out or delete it")
         return out
@@ -233,12 +251,8 @@ def write_store(out: str | os.PathLike, cfg: SimulationConfig, progress: bool = 
                                 "feature_name": pa.array(world.feature_names, pa.large_string()),
                                 "feature_length": pa.array(np.full(cfg.genes, 1500), pa.int64())}))
             xcoll = rna.add_new_collection("X")
-            # One tile spans all genes, so row-major coordinates are already TileDB's global
-            # order and writes can skip the (10x slower) sort.
-            x_raw = xcoll.add_new_sparse_ndarray(
-                "raw", type=pa.float32(), shape=(cfg.cells, cfg.genes),
-                platform_config={"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": BLOCK_CELLS},
-                                                                "soma_dim_1": {"tile": cfg.genes}}}}})
+            x_raw = xcoll.add_new_sparse_ndarray("raw", type=pa.float32(), shape=(cfg.cells, cfg.genes),
+                                                 platform_config=CENSUS_X_PLATFORM_CONFIG)
             n_blocks = -(-cfg.cells // BLOCK_CELLS)
             pending = []
             for b in tqdm(range(n_blocks), desc="simulate cells", unit="block", disable=not progress):
@@ -251,7 +265,7 @@ def write_store(out: str | os.PathLike, cfg: SimulationConfig, progress: bool = 
                     pending = []
             info = top.add_new_collection("census_info")
             _write_info(info, cfg, world)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(asdict(cfg), sort_keys=True))
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(_marker(cfg), sort_keys=True))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,9 +281,14 @@ def _flush(pending, obs_df, x_raw) -> None:
     for start, obs, indptr, cols, counts in pending:
         n = len(indptr) - 1
         obs_tables.append(_string_table(obs, np.arange(start, start + n, dtype=np.int64)))
-        dim0.append(start + np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr)))
-        dim1.append(cols)
-        data.append(counts)
+        rows = start + np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+        # TileDB's global order: row tiles (a block is one, BLOCK_CELLS == X_TILE), then gene tiles,
+        # then row-major inside a tile. Entries arrive row-major, so a stable sort by gene tile
+        # gives that order and the write can skip TileDB's own (much slower) sort.
+        order = np.argsort(cols // X_TILE, kind="stable")
+        dim0.append(rows[order])
+        dim1.append(cols[order])
+        data.append(counts[order])
     obs_df.write(pa.concat_tables(obs_tables))
     x_raw.write(pa.table({"soma_dim_0": pa.array(np.concatenate(dim0)), "soma_dim_1": pa.array(np.concatenate(dim1)),
                           "soma_data": pa.array(np.concatenate(data))}),
