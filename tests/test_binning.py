@@ -15,6 +15,11 @@ def random_csr(rng, n_rows, max_len, kind):
         values = rng.integers(1, 200_000, size=nnz).astype(np.float32)
     elif kind == "tiny_range":
         values = rng.integers(1, 4, size=nnz).astype(np.float32)
+    elif kind == "around_256":  # the compiled kernel counting-sorts small integers, sorts the rest
+        values = rng.integers(200, 320, size=nnz).astype(np.float32)
+    elif kind == "mixed":  # integers with a few fractional values in some rows: the float path
+        values = rng.integers(1, 300, size=nnz).astype(np.float32)
+        values[rng.random(nnz) < 0.01] += 0.5
     else:  # continuous, no ties
         values = rng.lognormal(0, 2, size=nnz).astype(np.float32)
     return indptr, values
@@ -29,7 +34,7 @@ def scgpt_bin_cell(values, n_bins, rng):
     return np.ceil(rands * (right - left) + left).astype(np.int64)
 
 
-@pytest.mark.parametrize("kind", ["counts", "tiny_range", "huge_counts", "continuous"])
+@pytest.mark.parametrize("kind", ["counts", "tiny_range", "huge_counts", "continuous", "around_256", "mixed"])
 @pytest.mark.parametrize("n_bins", [3, 11, 51, 256])
 def test_vectorised_equals_per_cell_rule(kind, n_bins):
     rng = np.random.default_rng(n_bins)

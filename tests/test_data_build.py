@@ -217,6 +217,48 @@ def test_empty_cells_are_skipped_and_counted(tmp_path):
     assert 3 not in joinids and 17 not in joinids and len(joinids) == 22
 
 
+def test_duplicate_x_entries_name_cell_and_gene(tmp_path):
+    """The Census X schema allows duplicate coordinates; a cell with two values for one gene is
+    refused with both named (found while building the CSR rows)."""
+    import pyarrow as pa
+    import tiledbsoma as soma
+
+    path = write_store(tmp_path / "census", SimulationConfig(cells=60, genes=500, seed=2), progress=False)
+    x_uri = str(path / "census_data" / "homo_sapiens" / "ms" / "RNA" / "X" / "raw")
+    with soma.open(x_uri) as X:
+        t = X.read(coords=(slice(40, 40),)).tables().concat()
+    gene = int(t["soma_dim_1"].to_numpy()[3])
+    with soma.open(x_uri, mode="w") as X:  # a second fragment repeating one (cell, gene) entry
+        X.write(pa.Table.from_pydict({"soma_dim_0": pa.array([40], pa.int64()), "soma_dim_1": pa.array([gene], pa.int64()),
+                                      "soma_data": pa.array([5.0], pa.float32())}))
+    with CensusSource(CensusSourceConfig(uri=str(path), obs_filter="is_primary_data == True")) as src:
+        vocab = GeneVocab.from_genes(src.feature_ids, src.feature_names)
+        with pytest.raises(ValueError, match=rf"soma_joinid=40 has more than one X\['raw'\] entry for gene "
+                                             rf"{src.feature_ids[gene]}"):
+            build_shards(src, vocab, ShardBuildConfig(out=str(tmp_path / "s")), progress=False)
+    assert not list((tmp_path / "s").glob("*.tar"))
+
+
+def test_read_settings_do_not_change_the_output(store, tmp_path):
+    """TileDB buffer size and thread counts are performance knobs, not part of the build's identity:
+    a tiny read buffer (many partial reads per chunk) gives the same bytes."""
+    store_path, vocab_path = store
+    build(store_path, vocab_path, tmp_path / "a", cells_per_shard=100)
+    tiny = {"soma.init_buffer_bytes": 1 << 16, "sm.compute_concurrency_level": 2}
+    with CensusSource(CensusSourceConfig(uri=str(store_path), tiledb_config=tiny)) as src:
+        build_shards(src, GeneVocab.load(vocab_path), ShardBuildConfig(out=str(tmp_path / "b"), cells_per_shard=100),
+                     progress=False)
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+
+
+def test_malloc_tuning_applies_on_glibc():
+    code = "from celljepa_dist.data.allocator import tune_malloc_for_reading as t; print(t())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    import platform
+
+    assert out == ("True" if platform.libc_ver()[0] == "glibc" else "False")
+
+
 def test_duplicate_feature_ids_are_an_error(tmp_path):
     X = np.ones((4, 3), np.float32)
     root = anndata_store(tmp_path / "st", X, feature_ids=["ENSG1", "ENSG2", "ENSG1"])

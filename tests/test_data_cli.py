@@ -28,7 +28,9 @@ def test_pipeline_with_concurrent_jobs_and_validation(tmp_path):
     for j in jobs:
         out, err = j.communicate(timeout=300)
         assert j.returncode == 0, err
-    r = cli("census_to_shards.py", *common, "--out", tmp_path / "seq")
+    # one job, other TileDB read settings: the same bytes
+    r = cli("census_to_shards.py", *common, "--out", tmp_path / "seq", "--tiledb-config", "sm.compute_concurrency_level=2",
+            "--tiledb-config", "soma.init_buffer_bytes=65536")
     assert r.returncode == 0, r.stderr
     for name in ["manifest.json"] + [s["name"] for s in json.loads((tmp_path / "seq" / "manifest.json").read_text())["shards"]]:
         assert (tmp_path / "par" / name).read_bytes() == (tmp_path / "seq" / name).read_bytes(), name
@@ -60,6 +62,9 @@ def test_pipeline_with_concurrent_jobs_and_validation(tmp_path):
 def test_clear_errors_for_missing_inputs(tmp_path):
     r = cli("census_to_shards.py", "--census-uri", tmp_path / "nope", "--vocab", tmp_path / "v.json", "--out", tmp_path / "s")
     assert r.returncode == 2 and "v.json" in r.stderr
+    r = cli("census_to_shards.py", "--census-uri", tmp_path, "--vocab", tmp_path / "v.json", "--out", tmp_path / "s",
+            "--tiledb-config", "sm.compute_concurrency_level")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr and "sm.compute_concurrency_level" in r.stderr
     r = cli("validate_shards.py", tmp_path)
     assert r.returncode == 1 and "manifest not found" in r.stderr
 

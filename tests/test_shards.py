@@ -7,7 +7,8 @@ import pytest
 
 from celljepa_dist.data.binning import bin_csr
 from celljepa_dist.data.shards import (CellBlock, build_manifest, check_vocab_hash, decode_block, iter_shard_blocks, validate_shards,
-                                       read_manifest, read_shard, sha256_file, write_manifest, write_shard)
+                                       read_manifest, read_shard, sha256_file, write_manifest, write_shard,
+                                       ShardWriter, encode_block)
 
 
 def random_cells(n, seed=0, vocab_size=500):
@@ -58,6 +59,55 @@ def test_bytes_identical_on_rewrite(tmp_path):
     b = write_shard(tmp_path / "b.tar", cells)
     assert a["sha256"] == b["sha256"]
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+
+
+def tarfile_reference_bytes(cells, block_size):
+    """The shard as Python's tarfile writes it ("w|", USTAR) from np.save members: the
+    independent reference for ShardWriter's streamed bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for b, start in enumerate(range(0, len(cells), block_size)):
+            for suffix, data in encode_block(cells.slice(start, min(start + block_size, len(cells)))).items():
+                info = tarfile.TarInfo(f"{b:05d}.{suffix}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                    len(data), 0, 0o644, 0, 0, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("pieces,block_size", [([250], 64), ([0, 1, 7, 64, 3, 175], 64), ([5, 5, 5], 1),
+                                               ([100], 100), ([33, 67], 1000), ([0], 16)])
+def test_streamed_writer_matches_tarfile_bytes(tmp_path, pieces, block_size):
+    cells = random_cells(max(sum(pieces), 1), seed=len(pieces)).slice(0, sum(pieces))
+    with ShardWriter(tmp_path / "s.tar", block_size) as writer:
+        start = 0
+        for k in pieces:
+            writer.add(cells.slice(start, start + k))
+            start += k
+    data = (tmp_path / "s.tar").read_bytes()
+    assert data == tarfile_reference_bytes(cells, block_size)
+    assert writer.entry == {"name": "s.tar", "cells": len(cells), "sha256": sha256_file(tmp_path / "s.tar")}
+    back = read_shard(tmp_path / "s.tar")
+    if len(cells):
+        assert_blocks_equal(back, cells)
+    else:  # an empty tar carries no meta keys
+        assert len(back) == 0 and back.offsets.tolist() == [0]
+
+
+def test_writer_failure_leaves_no_file(tmp_path):
+    cells = random_cells(40)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardWriter(tmp_path / "s.tar", 8) as writer:
+            writer.add(cells)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    other = random_cells(5)
+    other.meta = {"cell_type": other.meta["cell_type"]}
+    with pytest.raises(ValueError, match="s.tar.*meta keys"):
+        with ShardWriter(tmp_path / "s.tar", 8) as writer:
+            writer.add(cells)
+            writer.add(other)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_webdataset_reads_it(tmp_path):

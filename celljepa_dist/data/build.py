@@ -19,8 +19,8 @@ import numpy as np
 
 from .binning import BINNING_RULE, check_n_bins
 from .kernels import NEGATIVE, NOT_FINITE, NOT_INTEGER, OK, prepare_rows, quantile_positions
-from .shards import (CellBlock, build_manifest, manifest_bytes, read_manifest, sha256_file, shard_name,
-                     write_manifest, write_shard)
+from .shards import (CellBlock, ShardWriter, build_manifest, manifest_bytes, read_manifest, sha256_file,
+                     shard_name, write_manifest)
 from celljepa_dist.atomic import atomic_write_bytes
 
 from .vocab import GeneVocab
@@ -28,6 +28,7 @@ from .vocab import GeneVocab
 PARTS_DIR = ".parts"
 READ_CHUNK_CELLS = 4096
 PREFETCH_CHUNKS = 2  # sub-chunks read ahead in a thread; 0 reads synchronously
+MAX_PENDING_WRITES = 2  # processed sub-chunks queued for the writer thread (bounds memory)
 BUILD_PARAMS = "build.json"
 
 
@@ -165,11 +166,14 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
             todo.append(i)
         else:
             bar.update(min(cfg.cells_per_shard, len(joinids) - i * cfg.cells_per_shard))
-    # Sub-chunks bound peak memory (READ_CHUNK_CELLS, not the shard size); the next one is read
-    # in a background thread while this one is processed (TileDB and numpy release the GIL).
+    # Three stages overlap: the next sub-chunks are read in one thread (TileDB releases the GIL),
+    # this thread validates and bins (compiled, GIL released), and a writer thread streams the
+    # finished cells into the shard and hashes them. Sub-chunks (READ_CHUNK_CELLS, not the shard
+    # size) bound peak memory; the writer thread writes in submission order.
     chunks = [(i, c0, min(c0 + READ_CHUNK_CELLS, (i + 1) * cfg.cells_per_shard, len(joinids)))
               for i in todo for c0 in range(i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids)),
                                             READ_CHUNK_CELLS)]
+    writers: dict[int, ShardWriter] = {}
 
     def read(k):
         t0 = time.perf_counter()
@@ -177,30 +181,54 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
         clock("read", t0)
         return result
 
-    blocks, skipped = [], {}
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = deque(pool.submit(read, k) for k in range(min(PREFETCH_CHUNKS, len(chunks))))
-        for k, (i, c0, c1) in enumerate(chunks):
-            indptr, gene_index, values = pending.popleft().result() if PREFETCH_CHUNKS else read(k)
-            if PREFETCH_CHUNKS and k + PREFETCH_CHUNKS < len(chunks):
-                pending.append(pool.submit(read, k + PREFETCH_CHUNKS))
-            t0 = time.perf_counter()
-            meta = {c: obs[c].iloc[c0:c1].tolist() for c in meta_cols}
-            block, sk = cells_to_block(joinids[c0:c1], indptr, gene_index, values, tokens, meta, cfg.n_bins,
-                                       source.layer_is_raw, source.feature_ids, f"{source.where} -> {shard_name(i)}")
-            clock("process", t0)
-            blocks.append(block)
-            skipped = {key: skipped.get(key, 0) + v for key, v in sk.items()}
-            if k + 1 == len(chunks) or chunks[k + 1][0] != i:  # last sub-chunk of shard i
+    def write(i, block):
+        t0 = time.perf_counter()
+        if i not in writers:
+            writers[i] = ShardWriter(out / shard_name(i), cfg.block_size)
+        writers[i].add(block)
+        clock("write", t0)
+        return 0
+
+    def finish(i, skipped):
+        t0 = time.perf_counter()
+        entry = writers.pop(i).close()
+        a, b = i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids))
+        record = {**entry, "skipped": skipped, "first_joinid": int(joinids[a]), "last_joinid": int(joinids[b - 1])}
+        atomic_write_bytes(_record_path(out, i), manifest_bytes(record))
+        clock("write", t0)
+        return b - a
+
+    skipped: dict = {}
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+        reads = deque(reader.submit(read, k) for k in range(min(PREFETCH_CHUNKS, len(chunks))))
+        writes: deque = deque()
+        try:
+            for k, (i, c0, c1) in enumerate(chunks):
+                indptr, gene_index, values = reads.popleft().result() if PREFETCH_CHUNKS else read(k)
+                if PREFETCH_CHUNKS and k + PREFETCH_CHUNKS < len(chunks):
+                    reads.append(reader.submit(read, k + PREFETCH_CHUNKS))
                 t0 = time.perf_counter()
-                entry = write_shard(out / shard_name(i), CellBlock.concat(blocks), cfg.block_size)
-                clock("write", t0)
-                a, b = i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids))
-                record = {**entry, "skipped": skipped, "first_joinid": int(joinids[a]),
-                          "last_joinid": int(joinids[b - 1])}
-                atomic_write_bytes(_record_path(out, i), manifest_bytes(record))
-                bar.update(b - a)
-                blocks, skipped = [], {}
+                meta = {c: obs[c].iloc[c0:c1].tolist() for c in meta_cols}
+                block, sk = cells_to_block(joinids[c0:c1], indptr, gene_index, values, tokens, meta, cfg.n_bins,
+                                           source.layer_is_raw, source.feature_ids, f"{source.where} -> {shard_name(i)}")
+                clock("process", t0)
+                writes.append(writer.submit(write, i, block))
+                skipped = {key: skipped.get(key, 0) + v for key, v in sk.items()}
+                if k + 1 == len(chunks) or chunks[k + 1][0] != i:  # last sub-chunk of shard i
+                    writes.append(writer.submit(finish, i, skipped))
+                    skipped = {}
+                while len(writes) > MAX_PENDING_WRITES or (writes and writes[0].done()):
+                    bar.update(writes.popleft().result())
+            while writes:
+                bar.update(writes.popleft().result())
+        except BaseException:
+            # Stop both threads, then drop the unfinished shards' temp files (finished ones stay).
+            for future in (*reads, *writes):
+                future.cancel()
+            writer.shutdown(wait=True)
+            for w in writers.values():
+                w.abort()
+            raise
     bar.close()
     extra = {"labels": source.labels} if getattr(source, "labels", None) is not None else {}
     return merge_manifest(out, params, n_shards, genes_unmatched, **extra)

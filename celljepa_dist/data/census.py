@@ -19,6 +19,15 @@ DEFAULT_OBS_FILTER = "tissue_general == 'kidney' and is_primary_data == True"
 META_COLUMNS = ("cell_type", "dataset_id", "donor_id", "assay")
 # Rows closer than this are read as one slice (TileDB slices are ~10x faster than point lists).
 MAX_READ_GAP = 32
+# Defaults for a local store (cellxgene_census' own defaults are tuned for S3):
+# - read buffers of 16 MiB, not 1 GiB: a 1 GiB buffer is a fresh mmap per query whose touched
+#   pages all fault, which cost as much as the decompression itself on the development VM;
+#   16 MiB buffers come from the reused heap (a 4096-cell chunk then takes 2-3 buffer fills);
+# - no TileDB thread pool: parallelism comes from --num-jobs processes and the build's own
+#   read/process/write threads; TileDB's pool only added hand-off cost at this query size.
+# docs/data.md has the measurements; --tiledb-config overrides any of them.
+LOCAL_TILEDB_CONFIG = {"soma.init_buffer_bytes": 16 << 20, "sm.compute_concurrency_level": 1,
+                       "sm.io_concurrency_level": 1}
 
 
 @dataclass
@@ -28,6 +37,9 @@ class CensusSourceConfig:
     organism: str = "homo_sapiens"
     obs_filter: str = DEFAULT_OBS_FILTER
     layer: str = "raw"
+    # TileDB settings on top of the defaults (cellxgene_census', plus LOCAL_TILEDB_CONFIG for a
+    # local store), e.g. {"sm.compute_concurrency_level": 1}.
+    tiledb_config: dict | None = None
 
     def validate(self) -> None:
         if (self.uri is None) == (self.census_version is None):
@@ -97,9 +109,10 @@ class CensusSource:
         if cfg.uri is not None:
             if "://" not in str(cfg.uri) and not Path(cfg.uri).exists():
                 raise FileNotFoundError(f"census store not found: {cfg.uri}")
-            self.census = cellxgene_census.open_soma(uri=str(cfg.uri))
+            self.census = cellxgene_census.open_soma(uri=str(cfg.uri),
+                                                     tiledb_config={**LOCAL_TILEDB_CONFIG, **(cfg.tiledb_config or {})})
         else:
-            self.census = cellxgene_census.open_soma(census_version=cfg.census_version)
+            self.census = cellxgene_census.open_soma(census_version=cfg.census_version, tiledb_config=cfg.tiledb_config)
         where = cfg.uri or f"Census {cfg.census_version}"
         try:
             data = self.census["census_data"]
@@ -161,9 +174,12 @@ class CensusSource:
                 data.append(t.column("soma_data").to_numpy())
         if not dim0:
             return np.zeros(len(joinids) + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+
+        def joined(parts):  # zero-copy views of Arrow's buffers when TileDB answered in one table
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
         try:
-            return coo_rows_to_csr(joinids, np.concatenate(dim0), np.concatenate(dim1),
-                                   np.concatenate(data).astype(np.float32, copy=False))
+            return coo_rows_to_csr(joinids, joined(dim0), joined(dim1), joined(data).astype(np.float32, copy=False))
         except DuplicateEntryError as e:
             raise ValueError(f"{self.where}: cell soma_joinid={e.joinid} has more than one X[{self.cfg.layer!r}] "
                              f"entry for gene {self.feature_ids[e.gene_index]}") from None

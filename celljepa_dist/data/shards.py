@@ -141,20 +141,6 @@ def decode_block(sample: Mapping[str, object], where: str = "sample") -> CellBlo
 
 # --- tar writing and reading -----------------------------------------------------------------
 
-class _HashingWriter(io.RawIOBase):
-    """File wrapper that hashes every byte on its way to disk (no second read pass)."""
-
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
-
-    def writable(self):
-        return True
-
-    def write(self, b):
-        self.sha.update(b)
-        return self.f.write(b)
-
-
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
@@ -163,32 +149,141 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _tar_header(name: str, size: int) -> bytes:
+    # Exactly what tarfile.TarFile.addfile writes for this member (USTAR, utf-8).
+    return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def _npy_header(dtype: np.dtype, length: int) -> bytes:
+    # np.save's header for a 1-D C-ordered array (format 1.0, which np.save picks for such shapes).
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": (int(length),)})
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Streams cells into one shard: a block of `block_size` cells goes to disk as soon as it is
+    complete, each array written straight from its buffer and hashed on the way (no npy or tar
+    staging copies, no whole-shard concatenation). Cells may arrive in pieces of any size.
+
+    The bytes are those of Python's tarfile ("w|", USTAR) holding np.save members, which the tests
+    check against; tars are byte-reproducible (fixed mtime/uid/names). Use as a context manager:
+    a clean exit fsyncs the temp file and renames it to `path` (`entry` then holds its manifest
+    entry); an exception removes it, so a shard under its final name is always complete."""
+
+    def __init__(self, path: str | os.PathLike, block_size: int = 1024):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.path, self.block_size = Path(path), block_size
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._file = os.fdopen(fd, "wb")
+        self._sha = hashlib.sha256()
+        self._bytes = 0
+        self._pending: list[CellBlock] = []
+        self._n_pending = 0
+        self._blocks = 0
+        self._meta_keys: list[str] | None = None
+        self.cells = 0
+        self.entry: dict | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, cells: CellBlock) -> None:
+        """Append cells (validated); full blocks are written now, the rest waits for more or close."""
+        cells.validate(f"shard {self.path.name}")
+        keys = sorted(cells.meta)
+        if self._meta_keys is None:
+            self._meta_keys = keys
+        elif keys != self._meta_keys:
+            raise ValueError(f"shard {self.path.name}: cells carry meta keys {keys}, earlier ones {self._meta_keys}")
+        if len(cells):
+            self._pending.append(cells)
+            self._n_pending += len(cells)
+        while self._n_pending >= self.block_size:
+            self._write_block(self._take(self.block_size))
+
+    def close(self) -> dict:
+        try:
+            if self._n_pending:
+                self._write_block(self._take(self._n_pending))
+            # End of archive (two zero blocks), padded to whole records, as tarfile does.
+            self._write(bytes(2 * tarfile.BLOCKSIZE))
+            self._write(bytes(-self._bytes % tarfile.RECORDSIZE))
+            self._file.flush()
+            os.fsync(self._file.fileno())  # durable before the rename
+            self._file.close()
+            os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; shards are shared between users and jobs
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self.entry = {"name": self.path.name, "cells": self.cells, "sha256": self._sha.hexdigest()}
+        return self.entry
+
+    def abort(self) -> None:
+        self._file.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def _take(self, n: int) -> list[CellBlock]:
+        """The next n pending cells as a list of pieces (views; the last piece may be split)."""
+        pieces, need = [], n
+        while need:
+            head = self._pending[0]
+            if len(head) <= need:
+                pieces.append(self._pending.pop(0))
+                need -= len(head)
+            else:
+                pieces.append(head.slice(0, need))
+                self._pending[0] = head.slice(need, len(head))
+                need = 0
+        self._n_pending -= n
+        return pieces
+
+    def _write(self, buf) -> None:
+        view = memoryview(buf).cast("B")
+        self._sha.update(view)
+        self._file.write(view)
+        self._bytes += view.nbytes
+
+    def _member(self, name: str, parts: list) -> None:
+        size = sum(memoryview(p).nbytes for p in parts)
+        self._write(_tar_header(name, size))
+        for part in parts:
+            if len(part):
+                self._write(part)
+        self._write(bytes(-size % tarfile.BLOCKSIZE))
+
+    def _write_block(self, pieces: list[CellBlock]) -> None:
+        key = f"{self._blocks:05d}"
+        n = sum(len(p) for p in pieces)
+        shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in pieces])
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(pieces, shifts)]).astype(np.int64)
+        for name, dtype in ARRAY_FIELDS.items():
+            arrays = [offsets] if name == "offsets" else \
+                [np.ascontiguousarray(getattr(p, name), dtype=dtype) for p in pieces]
+            length = sum(len(a) for a in arrays)
+            self._member(f"{key}.{name}.npy", [_npy_header(dtype, length), *arrays])
+        meta = {k: [x for p in pieces for x in p.meta[k]] for k in self._meta_keys or []}
+        self._member(f"{key}.meta.json", [json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")])
+        self._blocks += 1
+        self.cells += n
+
+
 def write_shard(path: str | os.PathLike, cells: CellBlock, block_size: int = 1024) -> dict:
     """Write `cells` as one shard atomically; returns its manifest entry {name, cells, sha256}."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    path = Path(path)
-    cells.validate(f"shard {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            hw = _HashingWriter(f)
-            with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for b, start in enumerate(range(0, len(cells), block_size)):
-                    block = cells.slice(start, min(start + block_size, len(cells)))
-                    for suffix, data in encode_block(block).items():
-                        tar.addfile(_tarinfo(f"{b:05d}.{suffix}", len(data)), io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-            digest = hw.sha.hexdigest()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return {"name": path.name, "cells": len(cells), "sha256": digest}
+    with ShardWriter(path, block_size) as writer:
+        writer.add(cells)
+    return writer.entry
 
 
 def iter_shard_blocks(path: str | os.PathLike):
