@@ -107,6 +107,16 @@ def _bin_row(x, out, q, edges, hist, lut, scratch, large):
 
 
 @nb.njit(cache=True, nogil=True)
+def _bin_workspace(indptr, n_edges):
+    """Scratch buffers for _bin_row, allocated once per chunk: (edges, hist, lut, scratch, large)."""
+    max_len = 0
+    for r in range(len(indptr) - 1):
+        max_len = max(max_len, indptr[r + 1] - indptr[r])
+    return (np.empty(n_edges, np.float64), np.zeros(SMALL_COUNT, np.int64), np.empty(SMALL_COUNT, np.uint8),
+            np.empty(max_len, np.float32), np.empty(max_len, np.float32))
+
+
+@nb.njit(cache=True, nogil=True)
 def bin_rows(indptr, values, q, out):
     """Bin every row of a CSR chunk; returns (OK, -1) or (error code, entry index)."""
     for i in range(len(values)):
@@ -115,14 +125,7 @@ def bin_rows(indptr, values, q, out):
             return NOT_FINITE, i
         if v <= 0:
             return NOT_POSITIVE, i
-    max_len = 0
-    for r in range(len(indptr) - 1):
-        max_len = max(max_len, indptr[r + 1] - indptr[r])
-    edges = np.empty(len(q), np.float64)
-    hist = np.zeros(SMALL_COUNT, np.int64)
-    lut = np.empty(SMALL_COUNT, np.uint8)
-    scratch = np.empty(max_len, np.float32)
-    large = np.empty(max_len, np.float32)
+    edges, hist, lut, scratch, large = _bin_workspace(indptr, len(q))
     for r in range(len(indptr) - 1):
         a, b = indptr[r], indptr[r + 1]
         _bin_row(values[a:b], out[a:b], q, edges, hist, lut, scratch, large)
@@ -223,14 +226,7 @@ def prepare_rows(indptr, genes, values, tokens, q, raw_check):
     bins = np.empty(nnz, np.uint8)
     offsets = np.zeros(n_rows + 1, np.int64)
     kept = np.empty(n_rows, np.int64)
-    max_len = 0
-    for r in range(n_rows):
-        max_len = max(max_len, indptr[r + 1] - indptr[r])
-    edges = np.empty(len(q), np.float64)
-    hist = np.zeros(SMALL_COUNT, np.int64)
-    lut = np.empty(SMALL_COUNT, np.uint8)
-    scratch = np.empty(max_len, np.float32)
-    large = np.empty(max_len, np.float32)
+    edges, hist, lut, scratch, large = _bin_workspace(indptr, len(q))
     n_kept = 0
     n_zeros = 0
     n_unmatched = 0
