@@ -246,6 +246,9 @@ def test_read_settings_do_not_change_the_output(store, tmp_path):
     build(store_path, vocab_path, tmp_path / "a", cells_per_shard=100)
     tiny = {"soma.init_buffer_bytes": 1 << 16, "sm.compute_concurrency_level": 2}
     with CensusSource(CensusSourceConfig(uri=str(store_path), tiledb_config=tiny)) as src:
+        native = src.X.context.native_context.config()  # what TileDB itself was given
+        assert native["sm.mem.malloc_trim"] == "false" and native["sm.io_concurrency_level"] == "1"
+        assert native["sm.compute_concurrency_level"] == "2" and native["soma.init_buffer_bytes"] == str(1 << 16)
         build_shards(src, GeneVocab.load(vocab_path), ShardBuildConfig(out=str(tmp_path / "b"), cells_per_shard=100),
                      progress=False)
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")

@@ -19,14 +19,18 @@ DEFAULT_OBS_FILTER = "tissue_general == 'kidney' and is_primary_data == True"
 META_COLUMNS = ("cell_type", "dataset_id", "donor_id", "assay")
 # Rows closer than this are read as one slice (TileDB slices are ~10x faster than point lists).
 MAX_READ_GAP = 32
-# Defaults for a local store (cellxgene_census' own defaults are tuned for S3):
+# TileDB settings for every read (docs/data.md has the measurements):
+# - no malloc_trim after each query: TileDB calls it by default when a query is destroyed, which
+#   hands every free heap page back to the kernel, so the next query faults (and zeroes) all its
+#   buffers again; on the development VM that was 60% of the read's CPU time.
+READ_TILEDB_CONFIG = {"sm.mem.malloc_trim": "false"}
+# ... and for a local store (cellxgene_census' own defaults are tuned for S3):
 # - read buffers of 16 MiB, not 1 GiB: a 1 GiB buffer is a fresh mmap per query whose touched
-#   pages all fault, which cost as much as the decompression itself on the development VM;
-#   16 MiB buffers come from the reused heap (a 4096-cell chunk then takes 2-3 buffer fills);
+#   pages all fault; 16 MiB buffers come from the reused heap;
 # - no TileDB thread pool: parallelism comes from --num-jobs processes and the build's own
 #   read/process/write threads; TileDB's pool only added hand-off cost at this query size.
-# docs/data.md has the measurements; --tiledb-config overrides any of them.
-LOCAL_TILEDB_CONFIG = {"soma.init_buffer_bytes": 16 << 20, "sm.compute_concurrency_level": 1,
+# --tiledb-config overrides any of them.
+LOCAL_TILEDB_CONFIG = {**READ_TILEDB_CONFIG, "soma.init_buffer_bytes": 16 << 20, "sm.compute_concurrency_level": 1,
                        "sm.io_concurrency_level": 1}
 
 
@@ -112,7 +116,8 @@ class CensusSource:
             self.census = cellxgene_census.open_soma(uri=str(cfg.uri),
                                                      tiledb_config={**LOCAL_TILEDB_CONFIG, **(cfg.tiledb_config or {})})
         else:
-            self.census = cellxgene_census.open_soma(census_version=cfg.census_version, tiledb_config=cfg.tiledb_config)
+            self.census = cellxgene_census.open_soma(census_version=cfg.census_version,
+                                                     tiledb_config={**READ_TILEDB_CONFIG, **(cfg.tiledb_config or {})})
         where = cfg.uri or f"Census {cfg.census_version}"
         try:
             data = self.census["census_data"]
