@@ -36,7 +36,7 @@ def scgpt_bin_cell(values, n_bins, rng):
 
 @pytest.mark.parametrize("kind", ["counts", "tiny_range", "huge_counts", "continuous", "around_256", "mixed"])
 @pytest.mark.parametrize("n_bins", [3, 11, 51, 256])
-def test_vectorised_equals_per_cell_rule(kind, n_bins):
+def test_compiled_equals_per_cell_rule(kind, n_bins):
     rng = np.random.default_rng(n_bins)
     indptr, values = random_csr(rng, 40, 400, kind)
     fast = bin_csr(indptr, values, n_bins)

@@ -1,4 +1,4 @@
-"""Deterministic per-cell quantile binning (paper 2.1, B = n_bins), vectorised over CSR chunks.
+"""Deterministic per-cell quantile binning (paper 2.1, B = n_bins), compiled over CSR chunks.
 
 The rule (BINNING_RULE, recorded in every manifest). For one cell, over ALL its non-zero values x:
     edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))        # numpy's default 'linear' method

@@ -8,7 +8,8 @@ callers turn them into messages naming the cell, gene and file.
 
 The binning arithmetic is numpy's, operation for operation and dtype for dtype (float32 values,
 float64 quantile positions and edges), so the bins equal `binning.bin_cell_reference` bit for bit
-(tests/test_binning.py checks it on tie-heavy, huge, tiny-range and continuous values).
+(tests/test_binning.py checks it on tie-heavy, huge, tiny-range, around-256, mixed integer and
+fractional, and continuous values).
 """
 from __future__ import annotations
 
