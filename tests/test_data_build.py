@@ -239,6 +239,35 @@ def test_duplicate_x_entries_name_cell_and_gene(tmp_path):
     assert not list((tmp_path / "s").glob("*.tar"))
 
 
+def test_writer_thread_failure_stops_the_build_and_a_rerun_completes_it(store, tmp_path, monkeypatch):
+    """A write error in the writer thread (here: a full disk in shard 1's third block) surfaces in
+    the caller, keeps the finished shard 0, leaves no temp file and no half shard, and a re-run
+    ends byte-identical."""
+    import celljepa_dist.data.build as B
+    from celljepa_dist.data.shards import ShardWriter
+
+    store_path, vocab_path = store
+    build(store_path, vocab_path, tmp_path / "clean", cells_per_shard=100, block_size=16)
+    monkeypatch.setattr(B, "READ_CHUNK_CELLS", 40)
+    real, calls = ShardWriter._write_block, []
+
+    def failing(self, pieces):
+        calls.append(1)
+        if len(calls) == 10:  # 100-cell shards hold 7 blocks of <= 16 cells
+            raise OSError(28, "No space left on device")
+        return real(self, pieces)
+
+    monkeypatch.setattr(ShardWriter, "_write_block", failing)
+    with pytest.raises(OSError, match="No space left"):
+        build(store_path, vocab_path, tmp_path / "s", cells_per_shard=100, block_size=16)
+    assert not list((tmp_path / "s").glob(".*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.tar")) == ["shard-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "s" / ".parts").glob("*.json")) == ["shard-000000.tar.json"]
+    monkeypatch.setattr(ShardWriter, "_write_block", real)
+    build(store_path, vocab_path, tmp_path / "s", cells_per_shard=100, block_size=16)
+    assert tree_bytes(tmp_path / "s") == tree_bytes(tmp_path / "clean")
+
+
 def test_read_settings_do_not_change_the_output(store, tmp_path):
     """TileDB buffer size and thread counts are performance knobs, not part of the build's identity:
     a tiny read buffer (many partial reads per chunk) gives the same bytes."""
