@@ -14,20 +14,32 @@ from pathlib import Path
 from typing import Iterator
 
 
+def temp_path_beside(path: str | os.PathLike) -> Path:
+    """A new empty temp file `.NAME.*.tmp` in path's directory (created if missing): the name
+    every atomic write uses, so a resumed job can find and remove its stale ones."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Give the finished temp file its final name in one step."""
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shared between users and jobs
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on normal exit it replaces `path`, on error it is removed.
 
     The writer inside the block is responsible for flushing/fsyncing if it needs durability.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path_beside(path)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shared between users and jobs
-        os.replace(tmp, path)
+        yield tmp
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -15,14 +15,13 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from celljepa_dist.atomic import atomic_write_bytes, read_json
+from celljepa_dist.atomic import atomic_write_bytes, publish, read_json, temp_path_beside
 
 SHARD_FORMAT = "celljepa-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -77,13 +76,19 @@ class CellBlock:
     def concat(blocks: list["CellBlock"]) -> "CellBlock":
         if not blocks:
             return empty_block()
-        sizes = np.array([int(b.offsets[-1]) for b in blocks], dtype=np.int64)
-        shifts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        offsets = np.concatenate([[0]] + [b.offsets[1:] + s for b, s in zip(blocks, shifts)]).astype(np.int64)
-        keys = list(blocks[0].meta)
-        return CellBlock(offsets, *(np.concatenate([getattr(b, f) for b in blocks])
-                                    for f in ("genes", "bins", "counts", "joinids")),
-                         {k: [x for b in blocks for x in b.meta[k]] for k in keys})
+        return CellBlock(joined_offsets(blocks), *(np.concatenate([getattr(b, f) for b in blocks])
+                                                   for f in ("genes", "bins", "counts", "joinids")),
+                         joined_meta(blocks, list(blocks[0].meta)))
+
+
+def joined_offsets(blocks: list[CellBlock]) -> np.ndarray:
+    """The CSR row pointer of the blocks' cells one after another."""
+    shifts = np.cumsum([0] + [int(b.offsets[-1]) for b in blocks[:-1]])
+    return np.concatenate([[0]] + [b.offsets[1:] + s for b, s in zip(blocks, shifts)]).astype(np.int64)
+
+
+def joined_meta(blocks: list[CellBlock], keys: Iterable[str]) -> dict[str, list]:
+    return {k: [x for b in blocks for x in b.meta[k]] for k in keys}
 
 
 def empty_block(meta_keys: Iterable[str] = ()) -> CellBlock:
@@ -176,9 +181,8 @@ class ShardWriter:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.path, self.block_size = Path(path), block_size
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._file = os.fdopen(fd, "wb")
+        self._tmp = temp_path_beside(self.path)
+        self._file = open(self._tmp, "wb")
         self._sha = hashlib.sha256()
         self._bytes = 0
         self._pending: list[CellBlock] = []
@@ -221,8 +225,7 @@ class ShardWriter:
             self._file.flush()
             os.fsync(self._file.fileno())  # durable before the rename
             self._file.close()
-            os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; shards are shared between users and jobs
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
@@ -265,18 +268,15 @@ class ShardWriter:
 
     def _write_block(self, pieces: list[CellBlock]) -> None:
         key = f"{self._blocks:05d}"
-        n = sum(len(p) for p in pieces)
-        shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in pieces])
-        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(pieces, shifts)]).astype(np.int64)
         for name, dtype in ARRAY_FIELDS.items():
-            arrays = [offsets] if name == "offsets" else \
+            arrays = [joined_offsets(pieces)] if name == "offsets" else \
                 [np.ascontiguousarray(getattr(p, name), dtype=dtype) for p in pieces]
             length = sum(len(a) for a in arrays)
             self._member(f"{key}.{name}.npy", [_npy_header(dtype, length), *arrays])
-        meta = {k: [x for p in pieces for x in p.meta[k]] for k in self._meta_keys or []}
+        meta = joined_meta(pieces, self._meta_keys or [])
         self._member(f"{key}.meta.json", [json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")])
         self._blocks += 1
-        self.cells += n
+        self.cells += sum(len(p) for p in pieces)
 
 
 def write_shard(path: str | os.PathLike, cells: CellBlock, block_size: int = 1024) -> dict:
