@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q --upgrade pip wheel "setuptools>=77,<81"  # <81: louvain imports pkg_resources
 	# The local CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	# deepspeed is an sdist whose setup.py imports torch: build it against the torch above.

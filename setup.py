@@ -29,13 +29,22 @@ setup(
         "h5py>=3.8",
         "webdataset>=0.2.100",
         "deepspeed>=0.15",
-        "mlflow-skinny>=2.16",
+        # The full package: `mlflow ui` / `launch/mlflow_ui.py` need its tracking server (Flask);
+        # mlflow-skinny has no UI.
+        "mlflow>=3.0",
         "sqlalchemy>=2.0",  # MLflow's local sqlite store (the file store is deprecated)
         "alembic>=1.12",
         "safetensors>=0.4",
+        # Evaluation (AvgBIO as scib 1.1.5 defines it): scanpy's kNN graph + Louvain, sklearn scores.
+        "scanpy>=1.10",
+        "scikit-learn>=1.3",
+        "umap-learn>=0.5",
+        "louvain>=0.8",
+        # louvain imports pkg_resources, which setuptools 81 removed; torch 2.13 needs >= 77.
+        "setuptools>=77,<81",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "scanpy>=1.10", "tiledbsoma-ml>=0.1"],  # tiledbsoma-ml: loader bench baseline
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tiledbsoma-ml>=0.1"],  # tiledbsoma-ml: loader bench baseline
         # Never installed in CI: flash-attn needs CUDA and a compiler toolchain.
         "gpu": ["flash-attn>=2.6"],
     },
