@@ -4,15 +4,14 @@ import json
 import pytest
 import torch
 
+from celljepa_dist.data.vocab import GeneVocab
 from celljepa_dist.model import CellJEPA, ModelConfig, make_teacher
-from celljepa_dist.model.pretrained import from_pretrained, load_encoder, save_pretrained
+from celljepa_dist.model.pretrained import from_pretrained, load_encoder, load_meta, save_pretrained
 from celljepa_dist.model.synthetic import random_batch
 
 
 def write_vocab(path, n_genes):
-    genes = [{"feature_id": f"ENSG{i:011d}", "feature_name": f"G{i}"} for i in range(n_genes)]
-    path.write_text(json.dumps({"format": "celljepa-vocab/1", "special_tokens": ["<pad>", "<cls>", "<eoc>"],
-                                "genes": genes, "sha256": "x"}))
+    GeneVocab.from_genes([f"ENSG{i:011d}" for i in range(n_genes)], [f"G{i}" for i in range(n_genes)]).save(path)
     return path
 
 
@@ -32,6 +31,8 @@ def test_round_trip_across_backends(tmp_path):
     save_pretrained(model, tmp_path / "m", vocab_path=write_vocab(tmp_path / "v.json", 40), teacher=teacher)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
         "config.json", "model.safetensors", "teacher.safetensors", "vocab.json"]
+    # One meaning of the vocab hash: the GeneVocab content hash that shard manifests record.
+    assert load_meta(tmp_path / "m")["vocab_sha256"] == GeneVocab.load(tmp_path / "v.json").sha256
     model.eval()
     want = model(batch)
     for backend in ("sdpa", "reference", "flash"):
@@ -52,6 +53,18 @@ def test_bf16_model_is_saved_as_fp32(tmp_path):
     save_pretrained(model.to(torch.bfloat16), tmp_path / "m")
     loaded = from_pretrained(tmp_path / "m")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+
+def test_data_section_is_checked_and_kept(tmp_path):
+    model, _ = model_and_batch("sdpa")
+    data = {"n_bins": 51, "max_genes": 128, "binning_rule": "r"}
+    save_pretrained(model, tmp_path / "m", data=data, source={"checkpoint": "c", "step": 3})
+    meta = load_meta(tmp_path / "m")
+    assert meta["data"] == data and meta["source"] == {"checkpoint": "c", "step": 3}
+    with pytest.raises(ValueError, match="n_bins=11"):
+        save_pretrained(model, tmp_path / "m2", data={**data, "n_bins": 11})
+    with pytest.raises(ValueError, match="max_genes"):
+        save_pretrained(model, tmp_path / "m3", data={"n_bins": 51, "binning_rule": "r"})
 
 
 def test_errors_name_the_file(tmp_path):

@@ -1,15 +1,21 @@
 """Weights for users: a directory with safetensors weights, the config as JSON and the vocab.
 
-    model_dir/config.json          {"format", "model": ModelConfig, "has_teacher", "vocab_sha256"}
+    model_dir/config.json          {"format", "model": ModelConfig, "has_teacher", "vocab_sha256",
+                                    "data": {"n_bins", "max_genes", "binning_rule"} or null,
+                                    "source": {...} or null (where the weights came from)}
     model_dir/model.safetensors    CellJEPA state dict (student + heads), fp32
     model_dir/teacher.safetensors  EMA teacher encoder (optional), fp32
     model_dir/vocab.json           the gene vocabulary the model was trained with (optional)
 
 Loadable without DeepSpeed, whatever attention backend trained it (parameter names do not depend
-on the backend). Every file is written to a temp name and renamed."""
+on the backend). Every file is written to a temp name and renamed.
+
+`vocab_sha256` is the `GeneVocab` content hash (the one shard manifests and the loader use), not
+a hash of the file's bytes, so a model and a shard set can be checked against each other.
+`data` records how the training cells were tokenised (bins, cell length), which embedding needs
+to show new cells to the model the same way."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,26 +44,40 @@ def _fp32_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def _vocab_size_of(vocab_path: Path) -> int:
+def _load_vocab(vocab_path: Path):
+    from celljepa_dist.data.vocab import GeneVocab
+
     try:
-        data = json.loads(vocab_path.read_text(encoding="utf-8"))
-        return len(data["special_tokens"]) + len(data["genes"])
+        return GeneVocab.load(vocab_path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{vocab_path}: not a celljepa vocab file ({err})") from err
 
 
+DATA_KEYS = ("n_bins", "max_genes", "binning_rule")
+
+
 def save_pretrained(model: CellJEPA, directory: str | os.PathLike, vocab_path: Optional[str | os.PathLike] = None,
-                    teacher: Optional[CellEncoder] = None) -> Path:
+                    teacher: Optional[CellEncoder] = None, data: Optional[dict] = None,
+                    source: Optional[dict] = None) -> Path:
+    """`data`: {"n_bins", "max_genes", "binning_rule"} of the training cells; `source`: free-form
+    provenance (checkpoint, step, run) recorded as is."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    meta = {"format": FORMAT, "model": cfg.to_dict(), "has_teacher": teacher is not None, "vocab_sha256": None}
+    if data is not None:
+        missing = [k for k in DATA_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"save_pretrained: data lacks {missing} (needs {list(DATA_KEYS)})")
+        if data["n_bins"] != cfg.n_bins:
+            raise ValueError(f"save_pretrained: data n_bins={data['n_bins']} but ModelConfig.n_bins={cfg.n_bins}")
+    meta = {"format": FORMAT, "model": cfg.to_dict(), "has_teacher": teacher is not None, "vocab_sha256": None,
+            "data": {k: data[k] for k in DATA_KEYS} if data is not None else None, "source": source}
     if vocab_path is not None:
         vocab_path = Path(vocab_path)
-        n_tokens = _vocab_size_of(vocab_path)
-        if n_tokens != cfg.vocab_size:
-            raise ValueError(f"{vocab_path}: {n_tokens} tokens but ModelConfig.vocab_size={cfg.vocab_size}")
-        meta["vocab_sha256"] = hashlib.sha256(vocab_path.read_bytes()).hexdigest()
+        vocab = _load_vocab(vocab_path)
+        if len(vocab) != cfg.vocab_size:
+            raise ValueError(f"{vocab_path}: {len(vocab)} tokens but ModelConfig.vocab_size={cfg.vocab_size}")
+        meta["vocab_sha256"] = vocab.sha256
         _write_atomic(directory / VOCAB_FILE, lambda tmp: shutil.copyfile(vocab_path, tmp))
     _write_atomic(directory / MODEL_FILE, lambda tmp: save_file(_fp32_state(model), tmp, metadata={"format": FORMAT}))
     if teacher is not None:
@@ -67,14 +87,20 @@ def save_pretrained(model: CellJEPA, directory: str | os.PathLike, vocab_path: O
     return directory
 
 
-def load_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
+def load_meta(directory: str | os.PathLike) -> dict:
+    """The whole config.json of a save_pretrained directory (format checked)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json (not a save_pretrained directory, or an unfinished save)")
     meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    cfg = ModelConfig.from_dict(meta["model"], where=str(path))
+    return meta
+
+
+def load_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    cfg = ModelConfig.from_dict(load_meta(directory)["model"], where=str(path))
     return cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
