@@ -30,13 +30,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_result(result, last_checkpoint) -> None:
+def write_result(result, last_checkpoint, model_dir) -> None:
     """`run_dir/result.json`: the finished run at a glance (and the demo's "already done" marker)."""
     from celljepa_dist.atomic import atomic_write_text
 
     atomic_write_text(Path(result.run_dir) / "result.json", json.dumps(
         {"final_step": result.final_step, "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-         "mlflow_run_id": result.mlflow_run_id}, indent=2))
+         "model": str(model_dir) if model_dir else None, "mlflow_run_id": result.mlflow_run_id}, indent=2))
+
+
+def finish_run(result):
+    """Rank 0, after every rank is done: export the final checkpoint to RUN_DIR/model/ (the
+    offline path `launch/export.py` takes too, so both give the same files). Returns (checkpoint,
+    model dir)."""
+    from celljepa_dist.export import MODEL_DIR_NAME, export_checkpoint
+    from celljepa_dist.train.checkpoint import committed_checkpoints
+
+    # A resume that found the run already finished commits nothing new: its newest commit is final.
+    found = committed_checkpoints(Path(result.run_dir) / "checkpoints")
+    last = found[-1] if found else None
+    if last is None:
+        return None, None
+    model_dir = Path(result.run_dir) / MODEL_DIR_NAME
+    export_checkpoint(last, model_dir)
+    return last, model_dir
 
 
 def main(argv=None) -> int:
@@ -62,10 +79,10 @@ def main(argv=None) -> int:
         if dist.is_initialized():  # a clean gloo/nccl teardown avoids crashes at interpreter exit
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        last = result.checkpoints[-1] if result.checkpoints else None
-        write_result(result, last)
-        print(f"pretrain done: step={result.final_step} checkpoint={last} mlflow_run_id={result.mlflow_run_id}",
-              flush=True)
+        last, model_dir = finish_run(result)
+        write_result(result, last, model_dir)
+        print(f"pretrain done: step={result.final_step} checkpoint={last} model={model_dir} "
+              f"mlflow_run_id={result.mlflow_run_id}", flush=True)
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -149,6 +150,44 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(fault_setup, stage):
     saves = sorted(set(range(10, total + 1, 10)) | {total})
     assert committed == [f"step_{n:08d}" for n in saves[-2:]]
     assert (kill_dir / "config.yaml").exists() and (kill_dir / "ds_config.json").exists()
+    _check_export(kill_dir, total, stage, ref_student, ref_teacher)
+
+
+def _check_export(run_dir: Path, step: int, stage: int, ref_student: dict, ref_teacher: dict) -> None:
+    """The run's own export (RUN_DIR/model) loads with from_pretrained, equals the final
+    checkpoint bit for bit, and launch/export.py writes the same weights offline."""
+    from safetensors.torch import load_file
+
+    from celljepa_dist.data.vocab import GeneVocab
+    from celljepa_dist.model.pretrained import from_pretrained, load_encoder, load_meta
+
+    model_dir = run_dir / "model"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["model"] == str(model_dir) and result["checkpoint"].endswith(f"step_{step:08d}")
+    meta = load_meta(model_dir)
+    assert meta["source"]["step"] == step and meta["source"]["zero_stage"] == stage
+    assert meta["vocab_sha256"] == GeneVocab.load(run_dir / "vocab.json").sha256
+    assert meta["data"]["max_genes"] > 0 and meta["data"]["n_bins"] == meta["model"]["n_bins"]
+    model = from_pretrained(model_dir)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref_student[k]), f"exported student {k} differs from zero_to_fp32"
+    teacher = load_encoder(model_dir, "teacher").state_dict()
+    if stage != 3:
+        assert teacher.keys() == ref_teacher.keys()
+        for k in ref_teacher:
+            assert torch.equal(teacher[k], ref_teacher[k]), f"exported teacher {k} differs from the checkpoint's"
+    else:  # the flat shards, in rank order, are the parameters (the teacher worker test checks
+        # the same consolidation against DeepSpeed's own gather)
+        for i, (k, v) in enumerate(teacher.items()):
+            flat = torch.cat([ref_teacher[f"shard_rank{r:03d}.{i}"] for r in range(RANKS)])
+            assert torch.equal(v.reshape(-1), flat[: v.numel()]), k
+    offline = run_dir.parent / f"{run_dir.name}_exported"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), "--checkpoint", str(run_dir),
+                           "--out", str(offline)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model.safetensors", "teacher.safetensors"):
+        a, b = load_file(str(model_dir / name)), load_file(str(offline / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.multiproc

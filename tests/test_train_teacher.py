@@ -35,6 +35,12 @@ def _batch(seed: int, vocab_size: int):
                                     seed=seed, epoch=0, max_genes=16, mask_ratio=0.3))
 
 
+def _overrides(stage: int) -> list[str]:
+    return ["model.vocab_size=40", "model.d_model=16", "model.n_layers=2", "model.n_heads=2",
+            "model.d_hid=16", "model.dropout=0.0", "data.batch_size=4", "data.shards_dir=unused",
+            f"deepspeed.zero_stage={stage}", "optim.lr=0.01", "optim.weight_decay=0.0"]
+
+
 def worker(out_dir: Path, stage: int) -> None:
     import deepspeed
 
@@ -44,9 +50,7 @@ def worker(out_dir: Path, stage: int) -> None:
     from celljepa_dist.train.engine import build_ds_config, init_distributed, initialize_engine
     from celljepa_dist.train.teacher import Teacher
 
-    cfg = load_config(None, ["model.vocab_size=40", "model.d_model=16", "model.n_layers=2", "model.n_heads=2",
-                             "model.d_hid=16", "model.dropout=0.0", "data.batch_size=4", "data.shards_dir=unused",
-                             f"deepspeed.zero_stage={stage}", "optim.lr=0.01", "optim.weight_decay=0.0"])
+    cfg = load_config(None, _overrides(stage))
     info = init_distributed(cfg)
     ds_config = build_ds_config(cfg, info.world_size)
     torch.manual_seed(0)
@@ -118,6 +122,18 @@ def test_teacher_is_closed_form_ema_on_every_rank(tmp_path, stage):
         assert torch.equal(got0, got1), f"{name}: teacher differs between ranks"
         assert torch.equal(r0["reloaded"][name], got0), f"{name}: checkpoint round trip changed it"
     assert r0["no_grad"] and r1["no_grad"]
+
+    # The offline export (no ranks) rebuilds the same teacher from the checkpoint files, bit for bit,
+    # as DeepSpeed's own gather (GatheredParameters) did inside the run.
+    from celljepa_dist.config import load_config
+    from celljepa_dist.export import teacher_state_dict
+    from celljepa_dist.model.encoder import CellEncoder
+
+    template = CellEncoder(load_config(None, _overrides(stage)).model)
+    exported = teacher_state_dict(tmp_path / "teacher_ckpt", template, world_size=2)
+    assert exported.keys() == r0["teacher"].keys()
+    for name, want in r0["teacher"].items():
+        assert torch.equal(exported[name], want), f"{name}: offline export differs from the gathered teacher"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -248,6 +249,275 @@ class H5adSource:
                 obs["cell_type"] = values.to_numpy()
         self.obs = obs
         self.layer_is_raw = cfg.raw_check
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def cells(self) -> pd.DataFrame:
+        if len(self.obs) == 0:
+            raise ValueError(f"{self.where}: no cells")
+        return self.obs
+
+    def read_rows(self, joinids: np.ndarray):
+        sub = self.matrix[joinids]
+        return sub.indptr.astype(np.int64), sub.indices.astype(np.int64), sub.data.astype(np.float32, copy=False)
+
+
+# --- several AnnData files as one source ------------------------------------------------------
+@dataclass(frozen=True)
+class PerFile:
+    """An option given once for every file (`VALUE`) and/or per file (`FILE_STEM=VALUE`, which
+    overrides the default for that file). `STEM=` (empty value) sets that file's value to ''."""
+    default: str | None = None
+    by_stem: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, values: Sequence[str] | None, option: str) -> "PerFile":
+        default, by_stem = None, {}
+        for value in values or ():
+            stem, sep, rest = value.partition("=")
+            if not sep:
+                if default is not None:
+                    raise ValueError(f"{option}: two values for all files ({default!r}, {value!r}); "
+                                     f"use FILE_STEM=VALUE for per-file values")
+                default = value
+            elif not stem:
+                raise ValueError(f"{option}: {value!r} has no file stem before '='")
+            elif stem in by_stem:
+                raise ValueError(f"{option}: file stem {stem!r} given twice")
+            else:
+                by_stem[stem] = rest
+        return cls(default, tuple(sorted(by_stem.items())))
+
+    @property
+    def given(self) -> bool:
+        return self.default is not None or bool(self.by_stem)
+
+    def for_stem(self, stem: str) -> str | None:
+        return dict(self.by_stem).get(stem, self.default)
+
+    def unknown_stems(self, stems: Sequence[str]) -> list[str]:
+        return [s for s, _ in self.by_stem if s not in stems]
+
+
+@dataclass
+class H5adFilesConfig:
+    """Several h5ad files in the order given; a file is named by its stem (its dataset_id)."""
+    paths: Sequence[str]
+    layer: PerFile = PerFile()  # None or '': X
+    label_key: PerFile = PerFile()  # '' for a file: it has no labels
+    allow_missing_labels: bool = False  # a file without its label key gets label -1, cell_type ''
+    raw_check: bool = True  # values must be integer counts ...
+    non_integer_stems: tuple[str, ...] = ()  # ... except in these files
+    gene_id_scheme: str = "auto"
+    gene_key: PerFile = PerFile()  # var column (or 'var_names') holding the gene ids
+    gene_map: str | None = None  # TSV feature_id<TAB>feature_name converting between schemes
+
+    @property
+    def stems(self) -> list[str]:
+        return [Path(p).name.removesuffix(".h5ad") for p in self.paths]
+
+    def raw_check_of(self, stem: str) -> bool:
+        return self.raw_check and stem not in self.non_integer_stems
+
+    def validate(self) -> None:
+        from .gene_ids import REQUESTABLE_SCHEMES
+
+        if not self.paths:
+            raise ValueError("h5ad source: no files given")
+        for path in self.paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"h5ad file not found: {path}")
+        first: dict[str, str] = {}
+        for path, stem in zip(self.paths, self.stems):
+            if stem in first:
+                raise ValueError(f"h5ad files {first[stem]} and {path} have the same stem {stem!r} "
+                                 f"(the stem is the cells' dataset_id)")
+            first[stem] = str(path)
+        if self.gene_id_scheme not in REQUESTABLE_SCHEMES:
+            raise ValueError(f"gene-id scheme must be one of {REQUESTABLE_SCHEMES}, got {self.gene_id_scheme!r}")
+        for option, per_file in (("--layer", self.layer), ("--label-key", self.label_key),
+                                 ("--gene-key", self.gene_key)):
+            unknown = per_file.unknown_stems(self.stems)
+            if unknown:
+                raise ValueError(f"{option}: no file with stem {unknown[0]!r}; stems: {self.stems}")
+        unknown = [s for s in self.non_integer_stems if s not in self.stems]
+        if unknown:
+            raise ValueError(f"--allow-non-integer: no file with stem {unknown[0]!r}; stems: {self.stems}")
+        if self.gene_map is not None and not Path(self.gene_map).is_file():
+            raise FileNotFoundError(f"gene map not found: {self.gene_map}")
+
+
+def _file_genes_of(var: pd.DataFrame, path: str, stem: str, cfg: H5adFilesConfig):
+    from .gene_ids import file_genes
+
+    return file_genes(var, cfg.gene_key.for_stem(stem) or None, str(path))
+
+
+def _gene_map_of(cfg: H5adFilesConfig):
+    from .gene_ids import GeneMap
+
+    return GeneMap.load(cfg.gene_map) if cfg.gene_map is not None else None
+
+
+def h5ad_gene_union(cfg: H5adFilesConfig):
+    """The files' genes in one scheme and their union (gene_ids.GeneUnion); reads var only."""
+    import anndata
+
+    from .gene_ids import resolve_union
+
+    cfg.validate()
+    files = []
+    for path, stem in zip(cfg.paths, cfg.stems):
+        adata = anndata.read_h5ad(path, backed="r")
+        try:
+            files.append(_file_genes_of(adata.var, path, stem, cfg))
+        finally:
+            adata.file.close()
+    return resolve_union(files, cfg.gene_id_scheme, _gene_map_of(cfg))
+
+
+def _matrix_of(adata, layer: str | None, path: str):
+    import scipy.sparse as sp
+
+    if not layer:
+        matrix = adata.X
+    elif layer in adata.layers:
+        matrix = adata.layers[layer]
+    else:
+        raise ValueError(f"{path}: layer {layer!r} not found; layers: {sorted(adata.layers.keys())}")
+    if matrix is None:
+        raise ValueError(f"{path}: X is empty; pass --layer")
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    matrix.sort_indices()
+    return matrix
+
+
+def check_values(matrix, raw: bool, path: str, stem: str, cell_names: Sequence[str], first_joinid: int,
+                 gene_ids: Sequence[str]) -> None:
+    """Every stored value finite and >= 0, and an integer when `raw`; the error names the file,
+    the cell (obs name, row, soma_joinid) and the gene."""
+    data = matrix.data
+    bad = ~np.isfinite(data) | (data < 0)
+    if raw:
+        bad |= data != np.floor(data)
+    if not bad.any():
+        return
+    k = int(np.argmax(bad))
+    value = data[k]
+    what = ("is not finite" if not np.isfinite(value) else "is negative (counts must be >= 0)" if value < 0 else
+            f"is not an integer count (raw counts expected; pass --allow-non-integer {stem} if intended)")
+    row = int(np.searchsorted(matrix.indptr, k, side="right") - 1)
+    raise ValueError(f"{path}: cell {cell_names[row]!r} (row {row}, soma_joinid={first_joinid + row}), "
+                     f"gene {gene_ids[matrix.indices[k]]}: value {value!r} {what}")
+
+
+def _to_union_columns(matrix, columns: np.ndarray, n_union: int):
+    """The file's CSR with columns renumbered into the union; genes left out (-1) are dropped."""
+    import scipy.sparse as sp
+
+    new = columns[matrix.indices]
+    keep = new >= 0
+    per_row = np.add.reduceat(keep.astype(np.int64), matrix.indptr[:-1]) if matrix.nnz else np.zeros(matrix.shape[0], np.int64)
+    per_row[np.diff(matrix.indptr) == 0] = 0  # reduceat gives the next row's first entry for an empty row
+    indptr = np.concatenate([[0], np.cumsum(per_row)])
+    return sp.csr_matrix((matrix.data[keep], new[keep], indptr), shape=(matrix.shape[0], n_union))
+
+
+class H5adFilesSource:
+    """Several AnnData files as one cell source: cells of file 1, then file 2, ...; joinids are the
+    global row index; dataset_id is the file stem; genes are the union (gene_ids.union_genes)."""
+
+    def __init__(self, cfg: H5adFilesConfig):
+        import anndata
+        import scipy.sparse as sp
+
+        from .gene_ids import resolve_union
+
+        cfg.validate()
+        self.cfg = cfg
+        self.where = "h5ad files " + ", ".join(str(p) for p in cfg.paths)
+        adatas, files = [], []
+        for path, stem in zip(cfg.paths, cfg.stems):
+            adata = anndata.read_h5ad(path)
+            adatas.append(adata)
+            files.append(_file_genes_of(adata.var, path, stem, cfg))
+        self.gene_map = _gene_map_of(cfg)
+        self.genes = resolve_union(files, cfg.gene_id_scheme, self.gene_map)
+        self.feature_ids = list(self.genes.feature_ids)
+        self.feature_names = list(self.genes.feature_names)
+        matrices, obs_parts, label_values = [], [], []
+        self._file_info = []
+        first_joinid = 0
+        for adata, path, stem, genes, columns in zip(adatas, cfg.paths, cfg.stems, files, self.genes.columns):
+            matrix = _matrix_of(adata, cfg.layer.for_stem(stem), path)
+            check_values(matrix, cfg.raw_check_of(stem), str(path), stem, [str(x) for x in adata.obs_names],
+                         first_joinid, genes.keys)
+            columns = np.asarray(columns, dtype=np.int64)
+            matrices.append(_to_union_columns(matrix, columns, len(self.feature_ids)))
+            label_key, labels = self._labels_of(adata.obs, path, stem)
+            label_values.append(labels)
+            obs_parts.append(self._meta_of(adata.obs, stem, first_joinid, labels))
+            self._file_info.append({"path": Path(path).name, "dataset_id": stem, "cells": int(adata.n_obs),
+                                    "first_joinid": first_joinid, "layer": cfg.layer.for_stem(stem) or "X",
+                                    "label_key": label_key, "raw_check": cfg.raw_check_of(stem),
+                                    "genes_left_out": int((columns < 0).sum())})
+            first_joinid += adata.n_obs
+        self.matrix = sp.vstack(matrices, format="csr") if matrices else None
+        self.obs = pd.concat(obs_parts, ignore_index=True)
+        self.labels: list[str] | None = None
+        if cfg.label_key.given:
+            # One label index over all files: the same name in two files is the same class.
+            self.labels = sorted({v for part in label_values if part is not None for v in part if v is not None})
+            index = {name: i for i, name in enumerate(self.labels)}
+            self.obs["label"] = np.concatenate(
+                [np.array([index.get(v, -1) if v is not None else -1 for v in part], dtype=np.int64)
+                 if part is not None else np.full(n, -1, np.int64)
+                 for part, n in zip(label_values, (f["cells"] for f in self._file_info))])
+        self.layer_is_raw = all(cfg.raw_check_of(s) for s in cfg.stems)
+
+    def _labels_of(self, obs: pd.DataFrame, path: str, stem: str) -> tuple[str | None, list | None]:
+        """(label key used, the label per cell with None where missing) or (None, None)."""
+        cfg = self.cfg
+        key = cfg.label_key.for_stem(stem)
+        if key is None:
+            if cfg.label_key.given and not cfg.allow_missing_labels:
+                raise ValueError(f"{path}: no --label-key for this file; give {stem}=KEY, {stem}= (no labels) "
+                                 f"or --allow-missing-labels")
+            return None, None
+        if key == "":
+            return None, None
+        if key not in obs.columns:
+            if cfg.allow_missing_labels:
+                return None, None
+            raise ValueError(f"{path}: label key {key!r} not in obs; columns: {list(obs.columns)} "
+                             f"(give {stem}=KEY, {stem}= for no labels, or --allow-missing-labels)")
+        values = obs[key]
+        return key, [None if missing else str(v) for v, missing in zip(values.tolist(), values.isna().tolist())]
+
+    @staticmethod
+    def _meta_of(obs: pd.DataFrame, stem: str, first_joinid: int, labels: list | None) -> pd.DataFrame:
+        n = len(obs)
+        meta = pd.DataFrame({"soma_joinid": np.arange(first_joinid, first_joinid + n, dtype=np.int64)})
+        for col in META_COLUMNS:
+            if col == "dataset_id":
+                meta[col] = stem
+            elif col in obs.columns:
+                meta[col] = obs[col].astype(str).to_numpy()
+            elif col == "cell_type" and labels is not None:
+                meta[col] = ["" if v is None else v for v in labels]
+            else:
+                meta[col] = ""
+        return meta
+
+    def describe(self) -> dict:
+        files = [{**info, **resolved.describe()} for info, resolved in zip(self._file_info, self.genes.files)]
+        return {"kind": "h5ad", "gene_id_scheme": self.genes.scheme, "gene_id_scheme_requested": self.cfg.gene_id_scheme,
+                "gene_map": self.gene_map.describe() if self.gene_map else None,
+                "allow_missing_labels": self.cfg.allow_missing_labels, "files": files}
 
     def __enter__(self):
         return self

@@ -75,6 +75,18 @@ def _resolve_vocab(cfg: TrainConfig) -> Path:
     return guess
 
 
+def _tokenisation(cfg: TrainConfig) -> dict:
+    """How the training cells were tokenised (recorded with the model so that embedding shows new
+    cells the same way). The model's value range must be the shards' binning."""
+    from celljepa_dist.data.shards import read_manifest
+
+    binning = read_manifest(cfg.data.shards_dir)["binning"]
+    if binning["n_bins"] != cfg.model.n_bins:
+        raise ValueError(f"{Path(cfg.data.shards_dir) / 'manifest.json'}: shards binned with n_bins="
+                         f"{binning['n_bins']} but model.n_bins={cfg.model.n_bins}; set model.n_bins to match")
+    return {"n_bins": binning["n_bins"], "max_genes": cfg.data.max_genes, "binning_rule": binning["rule"]}
+
+
 def _build_model(cfg: TrainConfig, ds_config: dict) -> CellJEPA:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     if cfg.deepspeed.zero_stage == 3:
@@ -132,6 +144,7 @@ def run(cfg: TrainConfig) -> RunResult:
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = len(vocab)
     cfg.model.validate()
+    tokenisation = _tokenisation(cfg)
 
     ga = cfg.deepspeed.gradient_accumulation_steps
     probe, _ = build_loader(cfg.data, info.rank, info.world_size, epoch=0, vocab_sha256=vocab.sha256)
@@ -198,7 +211,10 @@ def run(cfg: TrainConfig) -> RunResult:
             losslog.flush()
         d = ckpt.save(at_step, engine, teacher,
                       {"step": at_step, "epoch": epoch, "batches_done": batches_done,
-                       "ema_step": at_step, "total_steps": total_steps},
+                       "ema_step": at_step, "total_steps": total_steps,
+                       # What an offline export needs (celljepa_dist/export.py): no DeepSpeed, no YAML.
+                       "objective": cfg.objective, "zero_stage": cfg.deepspeed.zero_stage,
+                       "model": cfg.model.to_dict(), "vocab_sha256": vocab.sha256, "data": tokenisation},
                       {"loader": loader.state_dict(consumed) if batches_done else None})
         committed.append(d)
 
