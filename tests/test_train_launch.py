@@ -111,6 +111,17 @@ def test_every_zero_stage_and_precision_trains_and_checkpoints(tiny_shards, tmp_
     assert teacher_files == (["shard_rank000.pt", "shard_rank001.pt"] if stage == 3 else ["teacher.pt"])
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == stage and ds_config["bf16"]["enabled"] == (precision == "bf16")
+    # Every stage and precision exports: fp32 weights, the teacher, loadable without DeepSpeed.
+    from celljepa_dist.model.pretrained import from_pretrained, load_encoder, load_meta
+
+    meta = load_meta(run_dir / "model")
+    assert meta["source"]["zero_stage"] == stage and meta["source"]["step"] == 4
+    model = from_pretrained(run_dir / "model")
+    teacher = load_encoder(run_dir / "model", "teacher")
+    for module in (model, teacher):
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
+    # A bf16 run exports the fp32 master weights, not the bf16 module copy.
+    assert "fp32 master" in meta["source"]["student_weights"] or (stage == 0 and precision == "fp32")
 
 
 @pytest.mark.multiproc

@@ -98,7 +98,10 @@ def cells_to_block(joinids: np.ndarray, indptr: np.ndarray, gene_index: np.ndarr
 
 
 def _params(source, vocab: GeneVocab, cfg: ShardBuildConfig, n_cells: int) -> dict:
-    return {"vocab_sha256": vocab.sha256, "n_bins": cfg.n_bins, "rule": BINNING_RULE, "source": source.cfg.describe(),
+    # A source that resolves things at open time (H5adFilesSource: gene-id scheme, files) describes
+    # itself; the others are described by their config.
+    described = source.describe() if hasattr(source, "describe") else source.cfg.describe()
+    return {"vocab_sha256": vocab.sha256, "n_bins": cfg.n_bins, "rule": BINNING_RULE, "source": described,
             "cells_per_shard": cfg.cells_per_shard, "block_size": cfg.block_size, "filtered_cells": int(n_cells),
             "raw_check": bool(source.layer_is_raw)}
 

@@ -1,6 +1,7 @@
-"""Cell sources for shard building: a SOMA/Census query or an AnnData file -> CSR chunks + obs.
+"""Cell sources for shard building: a SOMA/Census query, an AnnData file, or several AnnData files
+(H5adFilesSource: one union of genes, cells file after file) -> CSR chunks + obs.
 
-Both sources expose the same small interface (`CellSource`): the dataset's genes (feature_id,
+All sources expose the same small interface (`CellSource`): the dataset's genes (feature_id,
 feature_name), the filtered cells' joinids in ascending order with their metadata, and
 `read_rows(joinids) -> (indptr, gene_index, values)` in that order, never the whole matrix.
 The hosted Census (`census_version`) and a local store (`uri`) go through the same code.
@@ -421,9 +422,8 @@ def _to_union_columns(matrix, columns: np.ndarray, n_union: int):
 
     new = columns[matrix.indices]
     keep = new >= 0
-    per_row = np.add.reduceat(keep.astype(np.int64), matrix.indptr[:-1]) if matrix.nnz else np.zeros(matrix.shape[0], np.int64)
-    per_row[np.diff(matrix.indptr) == 0] = 0  # reduceat gives the next row's first entry for an empty row
-    indptr = np.concatenate([[0], np.cumsum(per_row)])
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=matrix.shape[0]))])
     return sp.csr_matrix((matrix.data[keep], new[keep], indptr), shape=(matrix.shape[0], n_union))
 
 

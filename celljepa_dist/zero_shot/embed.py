@@ -12,7 +12,7 @@ rounding; tests check 1e-5).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -325,16 +325,10 @@ def embed_shards(model_dir, shards_dir, cfg: EmbeddingConfig = EmbeddingConfig()
 
     max_genes = _max_genes(cfg, model)
     emb, capped = embed_chunks(model, chunks(), int(manifest["total_cells"]), cfg, max_genes)
-    obs = pd.concat(obs_parts) if obs_parts else shard_obs(_empty_block(), np.zeros(0, np.int64), None)
+    obs = pd.concat(obs_parts) if obs_parts else pd.DataFrame({"soma_joinid": np.zeros(0, np.int64)})
     result = EmbeddingResult(emb, model.which, cfg.pooling, max_genes, cfg.gene_selection, capped, None,
                              np.concatenate(per_cell_parts) if per_cell_parts else np.zeros(0, np.int64))
     return result, obs
-
-
-def _empty_block():
-    from celljepa_dist.data.shards import empty_block
-
-    return empty_block()
 
 
 # --- the public function -------------------------------------------------------------------------
@@ -356,5 +350,11 @@ def embed(model_dir, adata, *, encoder: Optional[str] = None, gene_key: Optional
     return result.embeddings
 
 
-def with_overrides(cfg: EmbeddingConfig, **changes) -> EmbeddingConfig:
-    return replace(cfg, **changes).validate()
+def write_h5ad_atomic(adata, path) -> Path:
+    """adata as an h5ad at `path`: written to a temp file beside it, then renamed."""
+    from celljepa_dist.atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return path
