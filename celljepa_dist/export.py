@@ -72,7 +72,10 @@ def student_state_dict(engine_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     tag_dir = engine_dir / ENGINE_TAG
     if not tag_dir.is_dir():
         raise ExportError(f"{engine_dir}: no DeepSpeed checkpoint tag {ENGINE_TAG!r}")
-    if list(tag_dir.glob("*_optim_states.pt")):
+    optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
+    if optim_files and "zero_stage" not in _optimizer_state(optim_files[0]):
+        return bf16_optimizer_master_weights(tag_dir), "fp32 master weights (bf16 optimiser partitions)"
+    if optim_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=ENGINE_TAG)
@@ -84,6 +87,37 @@ def student_state_dict(engine_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     module = saved["module"]
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in module.values()})
     return {k: v.float() for k, v in module.items()}, f"module weights ({', '.join(dtypes)})"
+
+
+def _optimizer_state(path: Path) -> dict:
+    # mmap: only the few keys looked at are read from disk
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+
+
+def _rank_of(path: Path) -> int:
+    return int(path.name.split("_pp_rank_")[1].split("_")[0])
+
+
+def bf16_optimizer_master_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """bf16 runs with ZeRO 0-2 use DeepSpeed's BF16_Optimizer, whose files zero_to_fp32 does not
+    read (no zero_stage key). Its layout is ZeRO-1's: per parameter group, the params flattened in
+    order (shapes in the model file's `param_shapes`), padded, cut into one equal slice per rank."""
+    model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    files = sorted(tag_dir.glob("*_optim_states.pt"), key=_rank_of)
+    if [_rank_of(f) for f in files] != list(range(len(files))):
+        raise ExportError(f"{tag_dir}: bf16 optimiser partitions of ranks {[_rank_of(f) for f in files]}")
+    partitions = [_optimizer_state(f)["single_partition_of_fp32_groups"] for f in files]
+    out = {}
+    for g, shapes in enumerate(model_states["param_shapes"]):
+        flat = torch.cat([p[g].reshape(-1).float() for p in partitions])
+        offset = 0
+        for name, shape in shapes.items():
+            n = int(torch.Size(shape).numel())
+            if offset + n > flat.numel():
+                raise ExportError(f"{tag_dir}: group {g} holds {flat.numel()} values, {name} needs {offset + n}")
+            out[name] = flat[offset:offset + n].view(shape).clone()
+            offset += n
+    return out
 
 
 def consolidate_zero3(shards_per_rank: list[list[torch.Tensor]], template: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -122,6 +122,14 @@ def test_every_zero_stage_and_precision_trains_and_checkpoints(tiny_shards, tmp_
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
     # A bf16 run exports the fp32 master weights, not the bf16 module copy.
     assert "fp32 master" in meta["source"]["student_weights"] or (stage == 0 and precision == "fp32")
+    module_file = ckpt / "engine" / "engine" / "mp_rank_00_model_states.pt"
+    if precision == "bf16" and stage < 3:  # ...and the module copy is exactly their bf16 rounding
+        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+        for k, v in model.state_dict().items():
+            assert module[k].dtype == torch.bfloat16 and torch.equal(v.to(torch.bfloat16), module[k]), k
+    if stage < 3 and precision == "fp32":  # fp32: the module copy is the master
+        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+        assert all(torch.equal(v, module[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.multiproc
