@@ -283,7 +283,7 @@ def shard_obs(block, joinids: np.ndarray, label_names: Optional[list]) -> pd.Dat
     if label_names is not None and "label" in obs.columns:
         names = np.asarray(list(label_names) + [""], dtype=object)
         obs["label_name"] = names[np.where(obs["label"].to_numpy() >= 0, obs["label"].to_numpy(), -1)]
-    obs.index = pd.Index(obs["soma_joinid"].astype(str), name="soma_joinid")
+    obs.index = pd.Index(obs["soma_joinid"].astype(str).to_numpy(), name=None)
     return obs
 
 
