@@ -408,7 +408,7 @@ def check_values(matrix, raw: bool, path: str, stem: str, cell_names: Sequence[s
     if not bad.any():
         return
     k = int(np.argmax(bad))
-    value = data[k]
+    value = float(data[k])
     what = ("is not finite" if not np.isfinite(value) else "is negative (counts must be >= 0)" if value < 0 else
             f"is not an integer count (raw counts expected; pass --allow-non-integer {stem} if intended)")
     row = int(np.searchsorted(matrix.indptr, k, side="right") - 1)
