@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 # The venv first on PATH, so tools it installs (deepspeed, mlflow) are the ones a recipe finds.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all bench clean ui
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) launch/demo.py --out demo_out
+
+# The MLflow UI on the demo's runs (after `make demo`); Ctrl-C stops it. `make ui PORT=5000` for a fixed port.
+ui: $(STAMP)
+	$(PY) launch/mlflow_ui.py --backend-store-uri sqlite:///$(CURDIR)/demo_out/runs/mlflow.db $(if $(PORT),--port $(PORT))
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu and not slow" tests

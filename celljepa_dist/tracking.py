@@ -18,12 +18,69 @@ from celljepa_dist.atomic import atomic_write_text
 from celljepa_dist.config import TrackingConfig
 
 RUN_ID_FILE = "mlflow_run.json"
+# Where `make demo` tracks its runs; the store tools fall back to when given none.
+DEMO_STORE = Path("demo_out/runs/mlflow.db")
+# Prefix of the metrics that summarise a finished run (no step), so the runs table has stable columns.
+FINAL_PREFIX = "final/"
 
 
 def default_tracking_uri(run_dir: str | os.PathLike) -> str:
     """A local sqlite store beside the run dir, shared by sibling runs (MLflow's file store raises)."""
     db = (Path(run_dir).resolve().parent / "mlflow.db")
     return f"sqlite:///{db}"
+
+
+def sqlite_store_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI, None for any other kind of store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):])
+
+
+def store_artifact_root(tracking_uri: str) -> str | None:
+    """`<store dir>/mlartifacts` as a file URI: where MlflowTracker puts the runs' artifacts of a
+    local sqlite store (None for other stores, whose artifact location the server already knows)."""
+    db = sqlite_store_path(tracking_uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts").as_uri()
+
+
+def resolve_store_uri(tracking_uri: str | None = None) -> str:
+    """The store to read: the URI given, else $MLFLOW_TRACKING_URI, else the demo store if `make demo`
+    made one. A sqlite store must already exist: MLflow would silently create an empty one."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if not DEMO_STORE.exists():
+            raise FileNotFoundError(f"no tracking store given and no demo store at {DEMO_STORE}: pass "
+                                    "--tracking-uri sqlite:///<runs dir>/mlflow.db (or set MLFLOW_TRACKING_URI), "
+                                    "or run `make demo` first")
+        uri = f"sqlite:///{DEMO_STORE.resolve()}"
+    db = sqlite_store_path(uri)
+    if db is not None:
+        if not db.is_file():
+            raise FileNotFoundError(f"MLflow store not found: {db} (from tracking URI {uri}); nothing has "
+                                    "been tracked there yet: run `make demo` or launch/pretrain.py first")
+        uri = f"sqlite:///{db.resolve()}"  # absolute: a server or a child process may run elsewhere
+    return uri
+
+
+def default_run_name(objective: str, d_model: int, n_layers: int, run_dir_name: str) -> str:
+    """What the runs table shows: which run, which objective, what size, e.g. `kidney (scgpt d512 L12)`,
+    or `tiny_celljepa (d64 L2)` where the run dir already names the objective (the table truncates)."""
+    size = f"d{d_model} L{n_layers}"
+    return f"{run_dir_name} ({size})" if objective in run_dir_name else f"{run_dir_name} ({objective} {size})"
+
+
+def log_run_artifacts(tracking_uri: str, run_id: str, paths, artifact_path: str | None = None) -> None:
+    """Attach files (PNGs, metrics.md, ...) to a run, e.g. after it finished."""
+    from mlflow.tracking import MlflowClient
+
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot log artifacts to run {run_id}: no such file(s): {', '.join(missing)}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for p in paths:
+        client.log_artifact(run_id, str(p), artifact_path)
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str:
@@ -44,6 +101,7 @@ class NullTracker:
     def log_step(self, step: int, metrics: dict[str, float]) -> None: ...
     def flush(self) -> None: ...
     def log_artifact(self, path: str | os.PathLike) -> None: ...
+    def log_final(self, metrics: dict[str, float]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -103,6 +161,13 @@ class MlflowTracker(NullTracker):
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self.client.log_artifact(self.run_id, str(path))
+
+    def log_final(self, metrics: dict[str, float]) -> None:
+        """`final/<name>` for each metric (e.g. the last step's losses), at step 0: one value per run
+        under a name that does not depend on how long the run was."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self._metric_cls(f"{FINAL_PREFIX}{k}", float(v), now, 0)
+                                                    for k, v in metrics.items()])
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()

@@ -1,0 +1,95 @@
+"""Two finished tiny pre-training runs (celljepa and scgpt) sharing one MLflow store, trained once per
+test session through the real CLI (launch/pretrain.py, 1 rank, 6 steps) and shared by the test
+modules that import `trained_tiny_runs`.
+
+Each run then gets what the end of pre-training will log (see docs/tracking.md): `final/<loss>`
+metrics and a loss-curve PNG artefact. Where loop.py already logs them, nothing is added.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from celljepa_dist.config import TrackingConfig
+from celljepa_dist.tracking import (FINAL_PREFIX, RUN_ID_FILE, default_run_name, log_run_artifacts,
+                                    make_tracker)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "celljepa-demo"  # configs/tiny_cpu.yaml
+D_MODEL, N_LAYERS = 64, 2  # configs/tiny_cpu.yaml
+OBJECTIVES = ("celljepa", "scgpt")
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    objective: str
+    run_dir: Path
+    run_id: str
+    run_name: str
+    losses: list[dict]  # losses.jsonl records, in step order
+
+    @property
+    def last_losses(self) -> dict[str, float]:
+        return {k: v for k, v in self.losses[-1].items() if k.startswith("loss")}
+
+
+@dataclass(frozen=True)
+class TinyRuns:
+    tracking_uri: str
+    experiment: str
+    runs: dict[str, TinyRun]  # by objective
+
+    @property
+    def store(self) -> Path:
+        return Path(self.tracking_uri[len("sqlite:///"):])
+
+
+_CACHE: dict[Path, TinyRuns] = {}
+
+
+def _train(run_dir: Path, objective: str, run_name: str, shards_dir: Path, vocab_path: Path) -> None:
+    argv = [sys.executable, str(REPO_ROOT / "launch" / "pretrain.py"),
+            "--config", str(REPO_ROOT / "configs" / "tiny_cpu.yaml"),
+            "--set", f"run_dir={run_dir}", "--set", f"vocab={vocab_path}", "--set", f"data.shards_dir={shards_dir}",
+            "--set", "max_steps=6", "--set", "checkpoint.every_steps=3", "--set", "tracking.progress=false",
+            "--set", f"objective={objective}", "--set", f"tracking.run_name={run_name}"]
+    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    if done.returncode != 0:
+        raise RuntimeError(f"tiny {objective} run failed ({done.returncode}):\n"
+                           f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+
+
+def _finish_like_pretraining(run_dir: Path, last_losses: dict[str, float], name: str) -> None:
+    """What the end of pre-training logs: final/<loss> (unless there already) and a loss-curve PNG."""
+    from celljepa_dist.train.report import plot_loss_curves
+
+    tracker = make_tracker(TrackingConfig(experiment=EXPERIMENT), run_dir, rank=0, tags={}, resume=True)
+    if FINAL_PREFIX + "loss" not in tracker.client.get_run(tracker.run_id).data.metrics:
+        tracker.log_final(last_losses)
+    png = plot_loss_curves({name: run_dir}, run_dir / "loss_curves.png")
+    log_run_artifacts(tracker.uri, tracker.run_id, [png])
+    tracker.finish("FINISHED")
+
+
+def trained_tiny_runs(tiny_shards: tuple[Path, Path], tmp_path_factory) -> TinyRuns:
+    key = tmp_path_factory.getbasetemp()
+    if key not in _CACHE:
+        shards_dir, vocab_path = tiny_shards
+        root = tmp_path_factory.mktemp("tiny_runs")
+        runs = {}
+        for objective in OBJECTIVES:
+            run_dir = root / f"tiny_{objective}"
+            name = default_run_name(objective, D_MODEL, N_LAYERS, run_dir.name)
+            _train(run_dir, objective, name, shards_dir, vocab_path)
+            losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines() if line]
+            run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
+            run = TinyRun(objective, run_dir, run_id, name, losses)
+            _finish_like_pretraining(run_dir, run.last_losses, name)
+            runs[objective] = run
+        _CACHE[key] = TinyRuns(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment=EXPERIMENT, runs=runs)
+    return _CACHE[key]
