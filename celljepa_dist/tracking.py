@@ -106,7 +106,8 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, cfg: TrackingConfig, run_dir: str | os.PathLike, tags: dict[str, str], resume: bool):
+    def __init__(self, cfg: TrackingConfig, run_dir: str | os.PathLike, tags: dict[str, str], resume: bool,
+                 run_name: str | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -128,7 +129,8 @@ class MlflowTracker(NullTracker):
             artifacts = (self.run_dir.resolve().parent / "mlartifacts").as_uri()
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
                 cfg.experiment, artifact_location=artifacts)
-            run = self.client.create_run(exp_id, run_name=cfg.run_name or self.run_dir.name, tags=tags)
+            run = self.client.create_run(exp_id, run_name=cfg.run_name or run_name or self.run_dir.name,
+                                          tags=tags)
             self.run_id = run.info.run_id
             atomic_write_text(id_file, json.dumps({"run_id": self.run_id, "tracking_uri": self.uri,
                                                    "experiment": cfg.experiment}))
@@ -174,7 +176,9 @@ class MlflowTracker(NullTracker):
         self.client.set_terminated(self.run_id, status=status)
 
 
-def make_tracker(cfg: TrackingConfig, run_dir, rank: int, tags: dict[str, str], resume: bool):
+def make_tracker(cfg: TrackingConfig, run_dir, rank: int, tags: dict[str, str], resume: bool,
+                 run_name: str | None = None):
+    """`run_name`: the name when the config sets none (e.g. `default_run_name(...)`)."""
     if rank != 0 or not cfg.enabled:
         return NullTracker()
-    return MlflowTracker(cfg, run_dir, tags, resume)
+    return MlflowTracker(cfg, run_dir, tags, resume, run_name)

@@ -2,8 +2,8 @@
 test session through the real CLI (launch/pretrain.py, 1 rank, 6 steps) and shared by the test
 modules that import `trained_tiny_runs`.
 
-Each run then gets what the end of pre-training will log (see docs/tracking.md): `final/<loss>`
-metrics and a loss-curve PNG artefact. Where loop.py already logs them, nothing is added.
+The end of pre-training logs `final/<loss>` metrics and a loss-curve PNG artefact to each run
+(docs/tracking.md); the tests rely on that, nothing is added here.
 """
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from celljepa_dist.config import TrackingConfig
-from celljepa_dist.tracking import (FINAL_PREFIX, RUN_ID_FILE, default_run_name, log_run_artifacts,
-                                    make_tracker)
+from celljepa_dist.tracking import RUN_ID_FILE, default_run_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "celljepa-demo"  # configs/tiny_cpu.yaml
@@ -56,24 +54,12 @@ def _train(run_dir: Path, objective: str, run_name: str, shards_dir: Path, vocab
             "--config", str(REPO_ROOT / "configs" / "tiny_cpu.yaml"),
             "--set", f"run_dir={run_dir}", "--set", f"vocab={vocab_path}", "--set", f"data.shards_dir={shards_dir}",
             "--set", "max_steps=6", "--set", "checkpoint.every_steps=3", "--set", "tracking.progress=false",
-            "--set", f"objective={objective}", "--set", f"tracking.run_name={run_name}"]
+            "--set", f"objective={objective}"]  # the run name is pre-training's own default
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DS_ACCELERATOR": "cpu"})
     if done.returncode != 0:
         raise RuntimeError(f"tiny {objective} run failed ({done.returncode}):\n"
                            f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-
-
-def _finish_like_pretraining(run_dir: Path, last_losses: dict[str, float], name: str) -> None:
-    """What the end of pre-training logs: final/<loss> (unless there already) and a loss-curve PNG."""
-    from celljepa_dist.train.report import plot_loss_curves
-
-    tracker = make_tracker(TrackingConfig(experiment=EXPERIMENT), run_dir, rank=0, tags={}, resume=True)
-    if FINAL_PREFIX + "loss" not in tracker.client.get_run(tracker.run_id).data.metrics:
-        tracker.log_final(last_losses)
-    png = plot_loss_curves({name: run_dir}, run_dir / "loss_curves.png")
-    log_run_artifacts(tracker.uri, tracker.run_id, [png])
-    tracker.finish("FINISHED")
 
 
 def trained_tiny_runs(tiny_shards: tuple[Path, Path], tmp_path_factory) -> TinyRuns:
@@ -89,7 +75,6 @@ def trained_tiny_runs(tiny_shards: tuple[Path, Path], tmp_path_factory) -> TinyR
             losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines() if line]
             run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
             run = TinyRun(objective, run_dir, run_id, name, losses)
-            _finish_like_pretraining(run_dir, run.last_losses, name)
             runs[objective] = run
         _CACHE[key] = TinyRuns(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment=EXPERIMENT, runs=runs)
     return _CACHE[key]

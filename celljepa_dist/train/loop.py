@@ -22,7 +22,7 @@ from celljepa_dist.atomic import atomic_write_text
 from celljepa_dist.config import TrainConfig, flatten, save_config
 from celljepa_dist.model import CellJEPA, celljepa_loss, momentum_at, teacher_embedding
 from celljepa_dist.model.encoder import CellEncoder
-from celljepa_dist.tracking import git_sha, make_tracker
+from celljepa_dist.tracking import default_run_name, git_sha, make_tracker
 from celljepa_dist.train.checkpoint import CheckpointManager, ResumeError, committed_checkpoints, resolve_resume
 from celljepa_dist.train.engine import build_ds_config, init_distributed, initialize_engine
 from celljepa_dist.train.teacher import Teacher
@@ -186,7 +186,8 @@ def run(cfg: TrainConfig) -> RunResult:
     tracker = make_tracker(cfg.tracking, run_dir, info.rank,
                            tags={"git_sha": git_sha(), "world_size": str(info.world_size),
                                  "objective": cfg.objective, "zero_stage": str(cfg.deepspeed.zero_stage)},
-                           resume=resume_dir is not None)
+                           resume=resume_dir is not None,
+                           run_name=default_run_name(cfg.objective, cfg.model.d_model, cfg.model.n_layers, run_dir.name))
     if info.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
@@ -316,8 +317,22 @@ def run(cfg: TrainConfig) -> RunResult:
     finally:
         if progress is not None:
             progress.close()
+    if info.rank == 0:
+        _summarise_run(tracker, run_dir)
     tracker.finish("FINISHED")
     return RunResult(run_dir=run_dir, final_step=step, checkpoints=committed, mlflow_run_id=tracker.run_id)
+
+
+def _summarise_run(tracker, run_dir: Path) -> None:
+    """What the runs table and the run page show of a finished run: `final/<loss>` columns and
+    the loss-curve PNG (`run_dir/loss_curves.png`, also an artefact of the run)."""
+    from celljepa_dist.train.report import plot_loss_curves, read_losses
+
+    losses = read_losses(run_dir)
+    if not losses:
+        return
+    tracker.log_final({k: v for k, v in losses[-1].items() if k.startswith("loss")})
+    tracker.log_artifact(plot_loss_curves({run_dir.name: run_dir}, run_dir / "loss_curves.png"))
 
 
 def _check_grads_before_step(engine, cfg: TrainConfig, step: int) -> float | None:
