@@ -4,9 +4,13 @@
 Steps (each skipped when its output is already there and verified):
   1. simulate a local store shaped like the CELLxGENE Census   -> OUT/census
   2. build the gene vocabulary from it                          -> OUT/vocab.json
-  3. stream the kidney cells into shards                        -> OUT/shards
+  3. stream the kidney cells into shards, minus one dataset     -> OUT/shards
   4. validate the shards against the manifest, plot a summary   -> OUT/shards_summary.png
-Later steps (pre-training, evaluation) append to STEPS.
+  5. pre-train both objectives (2 CPU ranks each), export them  -> OUT/runs/tiny_*/model
+  6. the held-out kidney dataset's cells as an h5ad             -> OUT/heldout_kidney.h5ad
+  7. embed them zero-shot with both models                      -> OUT/heldout_embedded.h5ad
+  8. AvgBIO of both beside PCA, logged to the MLflow runs       -> OUT/eval/{metrics.md,umap.png}
+  9. compare the two runs from MLflow                           -> OUT/comparison/{comparison.md,loss_curves.png}
 """
 from __future__ import annotations
 
@@ -58,11 +62,26 @@ def step_vocab(d: Demo) -> str:
     return f"vocab ({len(v)} tokens, sha256 {v.sha256[:12]}): {d.vocab}"
 
 
+KIDNEY = "tissue_general == 'kidney' and is_primary_data == True"
+
+
+def heldout_dataset(census: Path) -> str:
+    """The smallest primary kidney dataset: never seen in pre-training, embedded zero-shot after."""
+    import cellxgene_census
+
+    with cellxgene_census.open_soma(uri=str(census)) as c:
+        obs = c["census_data"]["homo_sapiens"].obs.read(value_filter=KIDNEY, column_names=["dataset_id"])
+        sizes = obs.concat().to_pandas()["dataset_id"].value_counts()
+    return str(min(sizes.index, key=lambda ds: (sizes[ds], ds)))
+
+
 def step_shards(d: Demo) -> str:
+    held = heldout_dataset(d.census)
     if not (d.shards / MANIFEST_NAME).exists():  # a partial run resumes: verified shards are skipped
-        with CensusSource(CensusSourceConfig(uri=str(d.census))) as src:
+        cfg = CensusSourceConfig(uri=str(d.census), obs_filter=f"{KIDNEY} and dataset_id != '{held}'")
+        with CensusSource(cfg) as src:
             build_shards(src, GeneVocab.load(d.vocab), ShardBuildConfig(out=str(d.shards), cells_per_shard=d.cells_per_shard))
-    return f"shards (kidney, primary cells): {d.shards}"
+    return f"shards (kidney, primary cells, dataset {held[:8]}... held out): {d.shards}"
 
 
 def step_validate(d: Demo) -> str:
@@ -132,6 +151,104 @@ def step_pretrain(d: Demo) -> str:
 
 
 STEPS.append(("pretrain", step_pretrain))
+
+
+# --- export, zero-shot embedding, evaluation, comparison -----------------------------------------
+OBJECTIVES = ("celljepa", "scgpt")
+HELDOUT_NAME = "heldout_kidney"
+
+
+def run_dir_of(d: Demo, objective: str) -> Path:
+    return d.out / "runs" / f"tiny_{objective}"
+
+
+def step_export(d: Demo) -> str:
+    """pretrain.py exports RUN_DIR/model at its end; an older run dir gets it here."""
+    from celljepa_dist.export import export_checkpoint
+    from celljepa_dist.train.checkpoint import committed_checkpoints
+
+    lines = []
+    for obj in OBJECTIVES:
+        run_dir = run_dir_of(d, obj)
+        model_dir = run_dir / "model"
+        if not (model_dir / "config.json").exists():
+            export_checkpoint(committed_checkpoints(run_dir / "checkpoints")[-1], model_dir)
+        lines.append(f"{obj}: {model_dir}")
+    return "\n    " + "\n    ".join(lines)
+
+
+def step_heldout(d: Demo) -> str:
+    """The held-out dataset's raw counts, as a user would bring them (h5ad, Ensembl ids in var)."""
+    import cellxgene_census
+
+    from celljepa_dist.atomic import atomic_path
+
+    path = d.out / f"{HELDOUT_NAME}.h5ad"
+    held = heldout_dataset(d.census)
+    if not path.exists():
+        with cellxgene_census.open_soma(uri=str(d.census)) as c:
+            adata = cellxgene_census.get_anndata(c, "Homo sapiens", X_name="raw",
+                                                 obs_value_filter=f"{KIDNEY} and dataset_id == '{held}'")
+        adata.var_names = adata.var["feature_id"].astype(str).to_numpy()
+        with atomic_path(path) as tmp:
+            adata.write_h5ad(tmp)
+    return f"held-out dataset {held}: {path}"
+
+
+def step_embed(d: Demo) -> str:
+    import anndata
+
+    from celljepa_dist import embed
+    from celljepa_dist.atomic import atomic_path
+
+    out = d.out / "heldout_embedded.h5ad"
+    if not out.exists():
+        adata = anndata.read_h5ad(d.out / f"{HELDOUT_NAME}.h5ad")
+        for obj in OBJECTIVES:  # celljepa: the EMA teacher; scgpt has none: its student
+            adata.obsm[f"X_{obj}"] = embed(run_dir_of(d, obj) / "model", adata)
+        with atomic_path(out) as tmp:
+            adata.write_h5ad(tmp)
+    return f"zero-shot <cls> embeddings X_celljepa, X_scgpt: {out}"
+
+
+def step_evaluate(d: Demo) -> str:
+    import json
+
+    import anndata
+
+    from celljepa_dist.evaluation import evaluate_embeddings, log_to_mlflow, markdown_table, write_report
+
+    adata = anndata.read_h5ad(d.out / "heldout_embedded.h5ad")
+    results = evaluate_embeddings(adata, "cell_type", [f"X_{obj}" for obj in OBJECTIVES], baseline="pca")
+    paths = write_report(results, adata, "cell_type", d.out / "eval")
+    for obj in OBJECTIVES:  # each run gets its own embedding's metrics and the baseline beside them
+        run = json.loads((run_dir_of(d, obj) / "result.json").read_text())
+        mine = {k: v for k, v in results.items() if k in (f"X_{obj}", "X_pca")}
+        log_to_mlflow(mine, run["mlflow_run_id"], tracking_uri(d), HELDOUT_NAME,
+                      artifacts=[paths["metrics.md"], paths["umap.png"]])
+    return "\n" + markdown_table(results) + f"\n    report: {paths['metrics.md']}, {paths['umap.png']}"
+
+
+def tracking_uri(d: Demo) -> str:
+    return f"sqlite:///{(d.out / 'runs' / 'mlflow.db').resolve()}"
+
+
+def step_compare(d: Demo) -> str:
+    import json
+
+    from celljepa_dist.compare import compare_runs, compare_url, write_comparison
+
+    ids = [json.loads((run_dir_of(d, obj) / "result.json").read_text())["mlflow_run_id"] for obj in OBJECTIVES]
+    comparison = compare_runs(tracking_uri(d), PRETRAIN_EXPERIMENT, ids)
+    paths = write_comparison(comparison, d.out / "comparison")
+    text = paths["comparison.md"].read_text()
+    return (f"\n{text}\n    {paths['comparison.md']}, {paths['loss_curves.png']}\n"
+            f"    in MLflow (`make ui`): {compare_url('http://127.0.0.1:5000', comparison)}")
+
+
+PRETRAIN_EXPERIMENT = "celljepa-demo"  # configs/tiny_cpu.yaml: tracking.experiment
+STEPS += [("export", step_export), ("heldout", step_heldout), ("embed", step_embed), ("evaluate", step_evaluate),
+          ("compare", step_compare)]
 
 
 if __name__ == "__main__":
