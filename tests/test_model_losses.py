@@ -143,11 +143,11 @@ def test_mvc_prediction_matches_scgpt_formula():
 
 
 def test_scgpt_objective_needs_no_teacher_and_has_no_jepa_term():
-    model = tiny_model()
+    model = tiny_model(use_mvc=True)
     batch = random_batch([8, 3], vocab_size=40, seed=3)
-    losses = celljepa_loss(model(batch), batch, LossConfig(objective="scgpt"))
+    losses = celljepa_loss(model(batch), batch, LossConfig(objective="scgpt"))  # GEP + GEPC (weight 1)
     assert "loss_jepa" not in losses
-    assert losses["loss"].item() == pytest.approx(losses["loss_rec"].item())
+    assert losses["loss"].item() == pytest.approx(losses["loss_rec"].item() + losses["loss_mvc"].item())
     with pytest.raises(ValueError, match="teacher"):
         celljepa_loss(model(batch), batch, LossConfig(objective="celljepa"))
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .config import LossConfig, ModelConfig
 from .encoder import CellEncoder
 from .heads import JEPAPredictor, MVCHead, ValueHead
-from .losses import ecs_scgpt_loss, ecs_supcon_loss, jepa_cosine_loss, mse
+from .losses import ecs_scgpt_loss, ecs_supcon_loss, jepa_cosine_loss, mse, vicreg_covariance, vicreg_variance
 
 BATCH_KEYS = ("gene_ids", "values", "padding_mask", "value_mask", "target_values")
 
@@ -82,7 +82,7 @@ class CellJEPA(nn.Module):
 def celljepa_loss(out: StudentOutput, batch: Mapping[str, torch.Tensor], cfg: LossConfig,
                   teacher_cls: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Weighted objective. Keys: `loss`, `loss_rec`, `loss_jepa` (celljepa objective only),
-    `loss_mvc` / `loss_ecs` when their weight is > 0. All scalars (fp32)."""
+    `loss_mvc` (GEPC) / `loss_ecs` / `loss_var` / `loss_cov` when their weight is > 0. All scalars (fp32)."""
     target = batch["target_values"][batch["value_mask"]]
     losses = {"loss_rec": mse(out.pred_values, target)}
     total = cfg.w_rec * losses["loss_rec"]
@@ -91,11 +91,18 @@ def celljepa_loss(out: StudentOutput, batch: Mapping[str, torch.Tensor], cfg: Lo
             raise ValueError("objective 'celljepa' needs the teacher's <cls> embedding (teacher_cls)")
         losses["loss_jepa"] = jepa_cosine_loss(out.jepa_pred, teacher_cls)
         total = total + cfg.w_jepa * losses["loss_jepa"]
-    if cfg.w_mvc > 0:
+    if cfg.gepc_weight > 0:
         if out.mvc_pred is None:
-            raise ValueError("LossConfig.w_mvc > 0 needs ModelConfig.use_mvc=True")
+            raise ValueError(f"LossConfig: GEPC weight {cfg.gepc_weight} (objective {cfg.objective!r}) needs "
+                             "ModelConfig.use_mvc=True")
         losses["loss_mvc"] = mse(out.mvc_pred, target)
-        total = total + cfg.w_mvc * losses["loss_mvc"]
+        total = total + cfg.gepc_weight * losses["loss_mvc"]
+    if cfg.w_var > 0:
+        losses["loss_var"] = vicreg_variance(out.cell_emb, cfg.var_target)
+        total = total + cfg.w_var * losses["loss_var"]
+    if cfg.w_cov > 0:
+        losses["loss_cov"] = vicreg_covariance(out.cell_emb)
+        total = total + cfg.w_cov * losses["loss_cov"]
     if cfg.w_ecs > 0:
         if cfg.ecs_style == "supcon":
             if "labels" not in batch:

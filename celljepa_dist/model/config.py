@@ -127,15 +127,27 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+# GEPC (scGPT's cell-prompt generation, MVC) weight when `w_mvc` is not set. scGPT pre-trains with
+# GEP + GEPC (paper C.3; Cui et al. 2024): without GEPC nothing trains its <cls> output, so a
+# masked-MSE-only "scgpt" baseline would be unfair to it. Cell-JEPA pre-trains with
+# reconstruction + JEPA only (paper 2.3); GEPC stays available to it as an ablation.
+DEFAULT_GEPC_WEIGHT = {"celljepa": 0.0, "scgpt": 1.0}
+
+
 @dataclass
 class LossConfig:
-    """Weights of the objective. Pre-training (paper E.1): rec 1, JEPA 1000; scgpt = no JEPA term."""
+    """Weights of the objective. Pre-training (paper E.1): rec 1, JEPA 1000; scgpt = GEP + GEPC."""
 
     objective: str = "celljepa"
     w_rec: float = 1.0
     w_jepa: float = 1000.0
-    w_mvc: float = 0.0  # GEPC; needs ModelConfig.use_mvc
+    w_mvc: Optional[float] = None  # GEPC; None: the objective's choice (DEFAULT_GEPC_WEIGHT)
     w_ecs: float = 0.0
+    # Optional VICReg-style variance/covariance regulariser on the student's <cls> (GeneJEPA uses
+    # one; the paper has none): off by default.
+    w_var: float = 0.0
+    w_cov: float = 0.0
+    var_target: float = 1.0  # VICReg's gamma: the per-dimension std the variance term asks for
     ecs_style: str = "supcon"  # supcon = Cell-JEPA (paper 2.4.2), scgpt = thresholded (paper C.5)
     ecs_temperature: float = 0.07
     ecs_threshold: float = 0.3
@@ -146,9 +158,11 @@ class LossConfig:
 
         if self.objective not in OBJECTIVES:
             bad("objective", f"must be one of {OBJECTIVES}")
-        for name in ("w_rec", "w_jepa", "w_mvc", "w_ecs"):
-            if getattr(self, name) < 0:
+        for name in ("w_rec", "w_jepa", "w_mvc", "w_ecs", "w_var", "w_cov"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if self.var_target <= 0:
+            bad("var_target", "must be > 0")
         if self.ecs_style not in ECS_STYLES:
             bad("ecs_style", f"must be one of {ECS_STYLES}")
         if self.ecs_temperature <= 0:
@@ -156,6 +170,11 @@ class LossConfig:
         if not -1.0 <= self.ecs_threshold <= 1.0:
             bad("ecs_threshold", "must be a cosine in [-1, 1]")
         return self
+
+    @property
+    def gepc_weight(self) -> float:
+        """The GEPC weight in effect: `w_mvc`, or the objective's default when it is not set."""
+        return DEFAULT_GEPC_WEIGHT[self.objective] if self.w_mvc is None else float(self.w_mvc)
 
     @property
     def needs_teacher(self) -> bool:

@@ -61,3 +61,25 @@ def ecs_scgpt_loss(emb: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
     cos = normed @ normed.T
     cos = cos.masked_fill(torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device), 0.0)
     return torch.mean(1.0 - (F.relu(cos) - threshold) ** 2)
+
+
+def vicreg_variance(emb: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg's variance term (Bardes et al. 2022): mean over dimensions of relu(gamma - std_d),
+    std over the batch's cells (unbiased), sqrt(var + eps) as in the paper's code."""
+    emb = emb.float()
+    if emb.shape[0] < 2:
+        return emb.sum() * 0.0
+    std = torch.sqrt(emb.var(dim=0) + eps)
+    return F.relu(target_std - std).mean()
+
+
+def vicreg_covariance(emb: torch.Tensor) -> torch.Tensor:
+    """VICReg's covariance term: sum of squared off-diagonal covariances / d."""
+    emb = emb.float()
+    n, d = emb.shape
+    if n < 2:
+        return emb.sum() * 0.0
+    centred = emb - emb.mean(dim=0)
+    cov = centred.T @ centred / (n - 1)
+    off = cov - torch.diag(torch.diagonal(cov))
+    return (off ** 2).sum() / d

@@ -75,6 +75,17 @@ def _resolve_vocab(cfg: TrainConfig) -> Path:
     return guess
 
 
+def loss_terms(loss_cfg) -> list[str]:
+    """The loss terms a run computes, logs and checks for NaN (keys of celljepa_loss's dict)."""
+    terms = ["loss", "loss_rec"]
+    terms += ["loss_jepa"] if loss_cfg.objective == "celljepa" else []
+    terms += ["loss_mvc"] if loss_cfg.gepc_weight > 0 else []
+    terms += ["loss_ecs"] if loss_cfg.w_ecs > 0 else []
+    terms += ["loss_var"] if loss_cfg.w_var > 0 else []
+    terms += ["loss_cov"] if loss_cfg.w_cov > 0 else []
+    return terms
+
+
 def _tokenisation(cfg: TrainConfig) -> dict:
     """How the training cells were tokenised (recorded with the model so that embedding shows new
     cells the same way). The model's value range must be the shards' binning."""
@@ -143,7 +154,10 @@ def run(cfg: TrainConfig) -> RunResult:
     vocab = GeneVocab.load(vocab_path)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = len(vocab)
+    if cfg.loss.gepc_weight > 0:
+        cfg.model.use_mvc = True  # the GEPC head exists exactly when its loss is on (scgpt by default)
     cfg.model.validate()
+    terms_logged = loss_terms(cfg.loss)
     tokenisation = _tokenisation(cfg)
 
     ga = cfg.deepspeed.gradient_accumulation_steps
@@ -226,7 +240,7 @@ def run(cfg: TrainConfig) -> RunResult:
             loader, _ = build_loader(cfg.data, info.rank, info.world_size, epoch=epoch,
                                      resume_state=loader_state if batches_done else None, vocab_sha256=vocab.sha256)
             consumed, loader_state = 0, None
-            sums = torch.zeros(4, dtype=torch.float64)  # loss, rec, jepa, tokens over the window
+            sums = torch.zeros(len(terms_logged) + 1, dtype=torch.float64)  # loss terms, tokens over the window
             t_step = time.perf_counter()
             for batch in loader:
                 micro = batches_done % ga
@@ -235,13 +249,11 @@ def run(cfg: TrainConfig) -> RunResult:
                 out = engine(batch)
                 teacher_cls = teacher_embedding(teacher, batch) if teacher is not None else None
                 losses = celljepa_loss(out, batch, cfg.loss, teacher_cls)
-                terms = torch.stack([losses["loss"].detach().double().cpu(),
-                                     losses["loss_rec"].detach().double().cpu(),
-                                     losses.get("loss_jepa", torch.zeros(())).detach().double().cpu(),
-                                     torch.tensor(float(batch["lengths"].sum()), dtype=torch.float64)])
+                terms = torch.stack([losses[t].detach().double().cpu() for t in terms_logged]
+                                    + [torch.tensor(float(batch["lengths"].sum()), dtype=torch.float64)])
                 if dist.is_initialized():
                     dist.all_reduce(terms)  # NaN on any rank -> NaN on all: every rank decides alike
-                bad_terms = [n for n, v in zip(("loss", "loss_rec", "loss_jepa"), terms[:3]) if not math.isfinite(v)]
+                bad_terms = [n for n, v in zip(terms_logged, terms[:-1]) if not math.isfinite(v)]
                 if bad_terms and cfg.nonfinite_policy == "stop":
                     raise NonFiniteError(
                         f"non-finite {', '.join(bad_terms)} at step {step} (epoch {epoch}, batch {batches_done}); "
@@ -272,11 +284,9 @@ def run(cfg: TrainConfig) -> RunResult:
 
                 elapsed = time.perf_counter() - t_step
                 cells = cfg.data.batch_size * ga * info.world_size
-                tokens = float(sums[3])
-                mean = sums[:3] / (ga * info.world_size)
-                record = {"step": step, "epoch": epoch, "loss": float(mean[0]), "loss_rec": float(mean[1])}
-                if teacher is not None:
-                    record["loss_jepa"] = float(mean[2])
+                tokens = float(sums[-1])
+                mean = sums[:-1] / (ga * info.world_size)
+                record = {"step": step, "epoch": epoch, **{t: float(v) for t, v in zip(terms_logged, mean)}}
                 metrics = {**{k: v for k, v in record.items() if k.startswith("loss")},
                            "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                            "cells_per_s": cells / elapsed, "tokens_per_s": tokens / elapsed,

@@ -20,7 +20,8 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = {name: read_losses(d) for name, d in runs.items()}
-    terms = [t for t in ("loss_rec", "loss_jepa", "loss") if any(t in r[0] for r in records.values() if r)]
+    terms = [t for t in ("loss_rec", "loss_jepa", "loss_mvc", "loss_var", "loss_cov", "loss")
+             if any(t in r[0] for r in records.values() if r)]
     fig, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 3.4), squeeze=False)
     for ax, term in zip(axes[0], terms):
         for name, recs in records.items():
