@@ -55,18 +55,24 @@ def test_torchrun_scgpt_baseline_run_is_complete(tiny_shards, tmp_path):
     assert {p.name for p in ckpt.glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}
     losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses] == list(range(1, 7))
-    assert all("loss_jepa" not in r and r["loss"] == pytest.approx(r["loss_rec"]) for r in losses)
+    # scGPT's pre-training objective: GEP + GEPC (weight 1 by default), no JEPA term
+    assert all("loss_jepa" not in r and r["loss"] == pytest.approx(r["loss_rec"] + r["loss_mvc"]) for r in losses)
 
     client, run = _mlflow_run(run_dir)
     assert run.data.tags["objective"] == "scgpt" and run.data.tags["world_size"] == "2"
     assert len(run.data.tags["git_sha"]) == 40
     assert run.data.params["objective"] == "scgpt" and run.data.params["optim.lr"] == "0.001"
-    for key in ("loss", "loss_rec", "lr", "grad_norm", "cells_per_s", "tokens_per_s", "memory_mb", "mfu"):
+    for key in ("loss", "loss_rec", "loss_mvc", "lr", "grad_norm", "cells_per_s", "tokens_per_s", "memory_mb", "mfu",
+                "final/loss", "final/loss_mvc"):
         assert key in run.data.metrics, key
     assert "ema_momentum" not in run.data.metrics and "loss_jepa" not in run.data.metrics
     assert 0 < run.data.metrics["mfu"] < 1 and run.data.metrics["grad_norm"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "ds_config.json", "vocab.json"} <= artifacts
+    assert {"config.yaml", "ds_config.json", "vocab.json", "loss_curves.png"} <= artifacts
+    # The export carries the GEPC head, and its config says so.
+    from celljepa_dist.model.pretrained import from_pretrained
+
+    assert from_pretrained(run_dir / "model").mvc_head is not None
 
 
 @pytest.mark.multiproc
