@@ -241,8 +241,8 @@ def step_compare(d: Demo) -> str:
     ids = [json.loads((run_dir_of(d, obj) / "result.json").read_text())["mlflow_run_id"] for obj in OBJECTIVES]
     comparison = compare_runs(tracking_uri(d), PRETRAIN_EXPERIMENT, ids)
     paths = write_comparison(comparison, d.out / "comparison")
-    text = paths["comparison.md"].read_text()
-    return (f"\n{text}\n    {paths['comparison.md']}, {paths['loss_curves.png']}\n"
+    text = paths["markdown"].read_text()
+    return (f"\n{text}\n    {paths['markdown']}, {paths['loss_curves']}\n"
             f"    in MLflow (`make ui`): {compare_url('http://127.0.0.1:5000', comparison)}")
 
 
