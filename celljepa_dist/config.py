@@ -19,6 +19,7 @@ import yaml
 
 from celljepa_dist.atomic import atomic_write_text
 from celljepa_dist.data.stream import LoaderConfig
+from celljepa_dist.health import HealthThresholds
 from celljepa_dist.model.config import LossConfig, ModelConfig
 from celljepa_dist.model.ema import EMAConfig
 
@@ -238,12 +239,27 @@ class TrackingConfig:
     log_every: int = 1
     peak_tflops: float = 0.0  # per rank; 0 (CPU) -> MFU is not logged
     progress: bool = True
+    # Representation health (docs/health.md): the probe cells' <cls> embeddings every
+    # `health_every` steps and at each commit. Off when health_every is 0 or probe_shards is "".
+    health_every: int = 50
+    probe_shards: str = ""  # a shard dir built with the training vocab, held out from training
+    probe_cells: int = 256  # the first N cells of probe_shards, in shard order
+    health_thresholds: HealthThresholds = field(default_factory=HealthThresholds)
+
+    @property
+    def health_enabled(self) -> bool:
+        return self.health_every > 0 and bool(self.probe_shards)
 
     def validate(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"tracking.log_every must be >= 1, got {self.log_every}")
         if self.peak_tflops < 0:
             raise ValueError(f"tracking.peak_tflops must be >= 0, got {self.peak_tflops}")
+        if self.health_every < 0:
+            raise ValueError(f"tracking.health_every must be >= 0 (0: off), got {self.health_every}")
+        if self.probe_cells < 2:
+            raise ValueError(f"tracking.probe_cells must be >= 2 (pairwise metrics), got {self.probe_cells}")
+        self.health_thresholds.validate()
 
 
 @dataclass

@@ -25,6 +25,7 @@ from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.tracking import default_run_name, git_sha, make_tracker
 from celljepa_dist.train.checkpoint import CheckpointManager, ResumeError, committed_checkpoints, resolve_resume
 from celljepa_dist.train.engine import build_ds_config, init_distributed, initialize_engine
+from celljepa_dist.train.health_probe import HEALTH_LOG, HealthMonitor
 from celljepa_dist.train.teacher import Teacher
 
 LOSS_LOG = "losses.jsonl"
@@ -170,6 +171,8 @@ def run(cfg: TrainConfig) -> RunResult:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    # The probe cells (None when health is off); a bad probe fails here, before any engine starts.
+    health = HealthMonitor.from_config(cfg, vocab.sha256, vocab_path, total_steps, info.rank)
 
     ds_config = build_ds_config(cfg, info.world_size)
     model = _build_model(cfg, ds_config)
@@ -212,6 +215,9 @@ def run(cfg: TrainConfig) -> RunResult:
                 tracker.log_artifact(run_dir / name)
     losslog = _LossLog(run_dir / LOSS_LOG, step) if info.rank == 0 else None
     last_logged = tracker.last_logged_step()
+    healthlog = _LossLog(run_dir / HEALTH_LOG, step) if info.rank == 0 and health is not None else None
+    if health is not None:
+        health.attach(tracker, healthlog)
 
     committed: list[Path] = []
     progress = None
@@ -222,8 +228,9 @@ def run(cfg: TrainConfig) -> RunResult:
 
     def commit(at_step: int) -> None:
         tracker.flush()  # before the marker: a kill in between re-logs nothing (see MlflowTracker)
-        if losslog is not None:
-            losslog.flush()
+        for log in (losslog, healthlog):
+            if log is not None:
+                log.flush()
         d = ckpt.save(at_step, engine, teacher,
                       {"step": at_step, "epoch": epoch, "batches_done": batches_done,
                        "ema_step": at_step, "total_steps": total_steps,
@@ -303,6 +310,8 @@ def run(cfg: TrainConfig) -> RunResult:
                     atomic_write_text(run_dir / PROGRESS_FILE, json.dumps({"step": step, "epoch": epoch}), fsync=False)
                 if step % cfg.tracking.log_every == 0 and step > last_logged:
                     tracker.log_step(step, metrics)
+                if health is not None:  # every rank: collective forwards under ZeRO-3
+                    health.after_step(step, engine.module, teacher, engine.device, float_dtype)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
@@ -334,10 +343,14 @@ def run(cfg: TrainConfig) -> RunResult:
 
 
 def _summarise_run(tracker, run_dir: Path) -> None:
-    """What the runs table and the run page show of a finished run: `final/<loss>` columns and
-    the loss-curve PNG (`run_dir/loss_curves.png`, also an artefact of the run)."""
-    from celljepa_dist.train.report import plot_loss_curves, read_losses
+    """What the runs table and the run page show of a finished run: `final/<loss>` columns,
+    the loss-curve PNG (`run_dir/loss_curves.png`) and the health PNG (`run_dir/health.png`),
+    both also artefacts of the run."""
+    from celljepa_dist.train.report import plot_loss_curves, plot_run_health, read_losses
 
+    health_png = plot_run_health(run_dir)  # run_dir/health.png, when the run measured health
+    if health_png is not None:
+        tracker.log_artifact(health_png)
     losses = read_losses(run_dir)
     if not losses:
         return
