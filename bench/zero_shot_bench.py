@@ -1,13 +1,15 @@
 """Zero-shot quality of both objectives on real cells, beside PCA (paper 3.2-3.3).
 
-    python bench/zero_shot_bench.py [--out bench_out/zero_shot] [--epochs 6] [--data ../shared/data]
+    python bench/zero_shot_bench.py [--out bench_out/zero_shot] [--epochs 5] [--data ../shared/data]
 
 1. one vocabulary and one shard set from Kang PBMC, Baron pancreas, Moncada PDAC and PISCES PBMC 1k
    (gene symbols; Tian has Ensembl ids only and no offline mapping; PBMC 3k is held out);
-2. pre-trains `celljepa` and `scgpt` with the same budget, seed and data (configs/realcells_cpu.yaml,
-   2 CPU ranks each, bf16);
-3. embeds PBMC 3k zero-shot (celljepa: EMA teacher and student; scgpt: student) and evaluates every
-   embedding beside a 50-PC PCA of the same cells (AvgBIO as scib 1.1.5), logged to the runs.
+2. pre-trains `celljepa`, `scgpt` (GEP + GEPC, as scGPT) and `scgpt` without GEPC (masked-value
+   MSE only) with the same budget, seed and data (configs/realcells_cpu.yaml, 2 CPU ranks each, bf16);
+3. embeds PBMC 3k zero-shot (celljepa: EMA teacher and student; scgpt: student), each with `<cls>`
+   and mean pooling, and evaluates every embedding beside a 50-PC PCA of the same cells (AvgBIO as
+   scib 1.1.5; logged to the runs), with the embeddings' health: effective rank (RankMe) and mean
+   pairwise cosine (celljepa_dist/health.py).
 Last line: `zero_shot_bench avgbio_celljepa=<x> avgbio_scgpt=<y> avgbio_pca=<z>`.
 Each step is skipped when its output is there (a re-run only re-evaluates).
 Needs ../shared/data; exits 0 with a message when it is absent.
@@ -32,7 +34,9 @@ LABEL_KEYS = ["cell_type", "baron2016_pancreas_came=cell_ontology_class", "pbmc1
 NON_INTEGER = ["kang2018_pbmc_scgen"]  # log-normalised X (binning is rank-based per cell)
 HELDOUT, HELDOUT_LABEL = "pbmc3k_clustifyr", "cell_type"
 CONFIG = REPO / "configs" / "realcells_cpu.yaml"
-OBJECTIVES = ("celljepa", "scgpt")
+# run name -> (objective, extra config overrides): the same budget, seed and data for all three
+RUNS = {"celljepa": ("celljepa", []), "scgpt": ("scgpt", []), "scgpt_nogepc": ("scgpt", ["loss.w_mvc=0"])}
+POOLINGS = ("cls", "mean")
 
 
 def run(cmd: list, **env) -> None:
@@ -52,14 +56,17 @@ def build_data(data: Path, out: Path) -> tuple[Path, Path]:
     return vocab, shards
 
 
-def pretrain(objective: str, out: Path, vocab: Path, shards: Path, epochs: int) -> dict:
-    run_dir = out / "runs" / f"realcells_{objective}"
+def pretrain(name: str, out: Path, vocab: Path, shards: Path, epochs: int) -> dict:
+    objective, extra = RUNS[name]
+    run_dir = out / "runs" / f"realcells_{name}"
     result = run_dir / "result.json"
     if not result.exists():
+        sets = [f"objective={objective}", f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}",
+                f"epochs={epochs}", *extra]
         cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
-                                 "--config", CONFIG, "--set", f"objective={objective}", "--set", f"run_dir={run_dir}",
-                                 "--set", f"vocab={vocab}", "--set", f"data.shards_dir={shards}",
-                                 "--set", f"epochs={epochs}")
+                                 "--config", CONFIG)
+        for assignment in sets:
+            cmd += ["--set", assignment]
         if list(run_dir.glob("checkpoints/*/COMMITTED")):
             cmd += ["--resume", "auto"]
         run(cmd, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
@@ -67,26 +74,43 @@ def pretrain(objective: str, out: Path, vocab: Path, shards: Path, epochs: int) 
 
 
 def embed_heldout(data: Path, runs: dict[str, dict]):
+    """obsm keys X_<run>[_student][_mean]: the run's default encoder with <cls> pooling is X_<run>."""
     import anndata
 
     from celljepa_dist.zero_shot import embed
 
     adata = anndata.read_h5ad(data / f"{HELDOUT}.h5ad")
     keys = []
-    for objective, result in runs.items():
-        encoders = ("teacher", "student") if objective == "celljepa" else ("student",)
+    for name, result in runs.items():
+        encoders = ("teacher", "student") if RUNS[name][0] == "celljepa" else ("student",)
         for encoder in encoders:
-            key = f"X_{objective}" if encoder == encoders[0] else f"X_{objective}_{encoder}"
-            adata.obsm[key] = embed(result["model"], adata, encoder=encoder, progress=False)
-            keys.append(key)
+            for pooling in POOLINGS:
+                key = f"X_{name}" + (f"_{encoder}" if encoder != encoders[0] else "") + \
+                      (f"_{pooling}" if pooling != "cls" else "")
+                adata.obsm[key] = embed(result["model"], adata, encoder=encoder, pooling=pooling, progress=False)
+                keys.append(key)
     return adata, keys
+
+
+def health_table(adata, keys: list[str], results: dict) -> str:
+    """AvgBIO beside the embeddings' effective rank and mean pairwise cosine (PCA included)."""
+    from celljepa_dist.health import health_metrics
+
+    rows = ["| embedding | AvgBIO | vs PCA | effective rank (RankMe) | mean pairwise cosine | top-3 PC variance |",
+            "|---|---|---|---|---|---|"]
+    for key in ["X_pca", *keys]:
+        h = health_metrics(adata.obsm[key])
+        delta = results[key]["avgbio"] - results["X_pca"]["avgbio"]
+        rows.append(f"| `{key}` | {results[key]['avgbio']:.4f} | {'baseline' if key == 'X_pca' else f'{delta:+.4f}'} "
+                    f"| {h.rankme:.1f} of {min(h.n_cells, h.dim)} | {h.mean_cos:.3f} | {h.top3_var:.2f} |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "bench_out" / "zero_shot"))
     p.add_argument("--data", default=os.environ.get("CELLJEPA_SHARED_DATA", str(REPO.parent / "shared" / "data")))
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5)
     args = p.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     missing = [s for s in (*PRETRAIN_FILES, HELDOUT) if not (data / f"{s}.h5ad").is_file()]
@@ -98,10 +122,10 @@ def main(argv=None) -> int:
     vocab, shards = build_data(data, out)
     timings = {"data_s": time.time() - t0}
     runs = {}
-    for objective in OBJECTIVES:
+    for name in RUNS:
         t = time.time()
-        runs[objective] = pretrain(objective, out, vocab, shards, args.epochs)
-        timings[f"pretrain_{objective}_s"] = time.time() - t
+        runs[name] = pretrain(name, out, vocab, shards, args.epochs)
+        timings[f"pretrain_{name}_s"] = time.time() - t
 
     from celljepa_dist.evaluation import evaluate_embeddings, log_to_mlflow, markdown_table, write_report
 
@@ -110,8 +134,9 @@ def main(argv=None) -> int:
     results = evaluate_embeddings(adata, HELDOUT_LABEL, keys, baseline="pca")
     paths = write_report(results, adata, HELDOUT_LABEL, out / "eval")
     tracking = f"sqlite:///{(out / 'runs' / 'mlflow.db').resolve()}"
-    for objective, result in runs.items():
-        mine = {k: v for k, v in results.items() if k == "X_pca" or k.startswith(f"X_{objective}")}
+    for name, result in runs.items():
+        mine = {k: v for k, v in results.items() if k == "X_pca" or k == f"X_{name}" or
+                (k.startswith(f"X_{name}_") and not k.startswith(f"X_{name}_nogepc"))}
         log_to_mlflow(mine, result["mlflow_run_id"], tracking, HELDOUT,
                       artifacts=[paths["metrics.md"], paths["umap.png"]])
     timings["embed_evaluate_s"] = time.time() - t
@@ -120,8 +145,11 @@ def main(argv=None) -> int:
     print(f"\nzero-shot AvgBIO on {HELDOUT} ({adata.n_obs} cells, label {HELDOUT_LABEL}), models pre-trained on "
           f"{', '.join(PRETRAIN_FILES)} ({args.epochs} epochs, {CONFIG.name}):")
     print(markdown_table(results))
+    print()
+    print(health_table(adata, keys, results))
     print("timings: " + ", ".join(f"{k}={v:.0f}" for k, v in timings.items()))
     print(f"report: {paths['metrics.md']} {paths['umap.png']}")
+    print("zero_shot_bench (all) " + " ".join(f"avgbio{k[1:]}={v['avgbio']:.4f}" for k, v in results.items()))
     print(f"zero_shot_bench avgbio_celljepa={results['X_celljepa']['avgbio']:.4f} "
           f"avgbio_scgpt={results['X_scgpt']['avgbio']:.4f} avgbio_pca={results['X_pca']['avgbio']:.4f}")
     return 0
