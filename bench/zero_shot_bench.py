@@ -43,7 +43,7 @@ def run(cmd: list, **env) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, env={**os.environ, **env})
 
 
-def build_data(data: Path, out: Path) -> tuple[Path, Path]:
+def build_data(data: Path, out: Path) -> tuple[Path, Path, Path]:
     vocab, shards = out / "vocab.json", out / "shards"
     files = [data / f"{stem}.h5ad" for stem in PRETRAIN_FILES]
     if not vocab.exists():
@@ -53,16 +53,21 @@ def build_data(data: Path, out: Path) -> tuple[Path, Path]:
         run([sys.executable, REPO / "data_tools" / "h5ad_to_shards.py", "--h5ad", *files, "--gene-id-scheme", "symbol",
              "--vocab", vocab, "--out", shards, "--label-key", *LABEL_KEYS, "--allow-non-integer", *NON_INTEGER,
              "--cells-per-shard", "1000", "--no-progress"])
-    return vocab, shards
+    probe = out / "probe_shards"  # PBMC 3k, held out: the health probe pre-training watches
+    if not (probe / "manifest.json").exists():
+        run([sys.executable, REPO / "data_tools" / "h5ad_to_shards.py", "--h5ad", data / f"{HELDOUT}.h5ad",
+             "--gene-id-scheme", "symbol", "--vocab", vocab, "--out", probe, "--label-key", HELDOUT_LABEL,
+             "--allow-non-integer", "--no-progress"])
+    return vocab, shards, probe
 
 
-def pretrain(name: str, out: Path, vocab: Path, shards: Path, epochs: int) -> dict:
+def pretrain(name: str, out: Path, vocab: Path, shards: Path, probe: Path, epochs: int) -> dict:
     objective, extra = RUNS[name]
     run_dir = out / "runs" / f"realcells_{name}"
     result = run_dir / "result.json"
     if not result.exists():
         sets = [f"objective={objective}", f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}",
-                f"epochs={epochs}", *extra]
+                f"epochs={epochs}", f"tracking.probe_shards={probe}", *extra]
         cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
                                  "--config", CONFIG)
         for assignment in sets:
@@ -119,12 +124,12 @@ def main(argv=None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    vocab, shards = build_data(data, out)
+    vocab, shards, probe = build_data(data, out)
     timings = {"data_s": time.time() - t0}
     runs = {}
     for name in RUNS:
         t = time.time()
-        runs[name] = pretrain(name, out, vocab, shards, args.epochs)
+        runs[name] = pretrain(name, out, vocab, shards, probe, args.epochs)
         timings[f"pretrain_{name}_s"] = time.time() - t
 
     from celljepa_dist.evaluation import evaluate_embeddings, log_to_mlflow, markdown_table, write_report

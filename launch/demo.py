@@ -6,11 +6,12 @@ Steps (each skipped when its output is already there and verified):
   2. build the gene vocabulary from it                          -> OUT/vocab.json
   3. stream the kidney cells into shards, minus one dataset     -> OUT/shards
   4. validate the shards against the manifest, plot a summary   -> OUT/shards_summary.png
-  5. pre-train both objectives (2 CPU ranks each), export them  -> OUT/runs/tiny_*/model
-  6. the held-out kidney dataset's cells as an h5ad             -> OUT/heldout_kidney.h5ad
-  7. embed them zero-shot with both models                      -> OUT/heldout_embedded.h5ad
-  8. AvgBIO of both beside PCA, logged to the MLflow runs       -> OUT/eval/{metrics.md,umap.png}
-  9. compare the two runs from MLflow                           -> OUT/comparison/{comparison.md,loss_curves.png}
+  5. the held-out dataset as shards: the health probe           -> OUT/probe_shards
+  6. pre-train both objectives (2 CPU ranks each), export them  -> OUT/runs/tiny_*/{model,health.png}
+  7. the held-out kidney dataset's cells as an h5ad             -> OUT/heldout_kidney.h5ad
+  8. embed them zero-shot with both models                      -> OUT/heldout_embedded.h5ad
+  9. AvgBIO of both beside PCA, logged to the MLflow runs       -> OUT/eval/{metrics.md,umap.png}
+ 10. compare the two runs from MLflow                           -> OUT/comparison/{comparison.md,loss_curves.png}
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ class Demo:
     @property
     def shards(self) -> Path:
         return self.out / "shards"
+
+    @property
+    def probe(self) -> Path:
+        return self.out / "probe_shards"
 
 
 def step_simulate(d: Demo) -> str:
@@ -95,7 +100,18 @@ def step_validate(d: Demo) -> str:
             f"genes/cell, {s['bytes_per_expressed_gene']:.1f} B/gene; plot: {png}")
 
 
-STEPS = [("simulate", step_simulate), ("vocab", step_vocab), ("shards", step_shards), ("validate", step_validate)]
+def step_probe(d: Demo) -> str:
+    """The held-out dataset's cells as shards too: the health probe that pre-training watches."""
+    held = heldout_dataset(d.census)
+    if not (d.probe / MANIFEST_NAME).exists():
+        cfg = CensusSourceConfig(uri=str(d.census), obs_filter=f"{KIDNEY} and dataset_id == '{held}'")
+        with CensusSource(cfg) as src:
+            build_shards(src, GeneVocab.load(d.vocab), ShardBuildConfig(out=str(d.probe), cells_per_shard=d.cells_per_shard))
+    return f"health probe (held-out dataset {held[:8]}...): {d.probe}"
+
+
+STEPS = [("simulate", step_simulate), ("vocab", step_vocab), ("shards", step_shards), ("validate", step_validate),
+         ("probe", step_probe)]
 
 
 def main(argv=None) -> int:
@@ -131,7 +147,7 @@ def pretrain_one(d: Demo, objective: str, ranks: int = 2) -> dict:
         cmd = deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
                                  "--config", PRETRAIN_CONFIG, "--set", f"objective={objective}",
                                  "--set", f"run_dir={run_dir}", "--set", f"vocab={d.vocab}",
-                                 "--set", f"data.shards_dir={d.shards}")
+                                 "--set", f"data.shards_dir={d.shards}", "--set", f"tracking.probe_shards={d.probe}")
         if list(run_dir.glob("checkpoints/*/COMMITTED")):
             cmd += ["--resume", "auto"]  # an interrupted demo continues where it stopped
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
