@@ -208,7 +208,27 @@ class H5adSourceConfig:
                 "label_key": self.label_key}
 
 
-class H5adSource:
+class _InMemoryRows:
+    """The CellSource reads of a source held in memory: `self.matrix` (sorted CSR over all its
+    cells, row = joinid), `self.obs`, `self.where`."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def cells(self) -> pd.DataFrame:
+        if len(self.obs) == 0:
+            raise ValueError(f"{self.where}: no cells")
+        return self.obs
+
+    def read_rows(self, joinids: np.ndarray):
+        sub = self.matrix[joinids]
+        return sub.indptr.astype(np.int64), sub.indices.astype(np.int64), sub.data.astype(np.float32, copy=False)
+
+
+class H5adSource(_InMemoryRows):
     """An AnnData file as a cell source; joinids are row indices, labels from `label_key`."""
 
     def __init__(self, cfg: H5adSourceConfig):
@@ -251,20 +271,6 @@ class H5adSource:
         self.obs = obs
         self.layer_is_raw = cfg.raw_check
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def cells(self) -> pd.DataFrame:
-        if len(self.obs) == 0:
-            raise ValueError(f"{self.where}: no cells")
-        return self.obs
-
-    def read_rows(self, joinids: np.ndarray):
-        sub = self.matrix[joinids]
-        return sub.indptr.astype(np.int64), sub.indices.astype(np.int64), sub.data.astype(np.float32, copy=False)
 
 
 # --- several AnnData files as one source ------------------------------------------------------
@@ -427,7 +433,7 @@ def _to_union_columns(matrix, columns: np.ndarray, n_union: int):
     return sp.csr_matrix((matrix.data[keep], new[keep], indptr), shape=(matrix.shape[0], n_union))
 
 
-class H5adFilesSource:
+class H5adFilesSource(_InMemoryRows):
     """Several AnnData files as one cell source: cells of file 1, then file 2, ...; joinids are the
     global row index; dataset_id is the file stem; genes are the union (gene_ids.union_genes)."""
 
@@ -519,17 +525,3 @@ class H5adFilesSource:
                 "gene_map": self.gene_map.describe() if self.gene_map else None,
                 "allow_missing_labels": self.cfg.allow_missing_labels, "files": files}
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def cells(self) -> pd.DataFrame:
-        if len(self.obs) == 0:
-            raise ValueError(f"{self.where}: no cells")
-        return self.obs
-
-    def read_rows(self, joinids: np.ndarray):
-        sub = self.matrix[joinids]
-        return sub.indptr.astype(np.int64), sub.indices.astype(np.int64), sub.data.astype(np.float32, copy=False)
