@@ -222,6 +222,9 @@ class CheckpointConfig:
     every_steps: int = 500  # 0: only at the end
     keep_last: int = 3
     resume: str = "none"  # none | auto | PATH to a step_XXXXXXXX dir
+    # A resume whose model, data, objective or schedule differs from the checkpoint's is refused
+    # (train/state.py); true continues under the new values (--allow-config-change).
+    allow_config_change: bool = False
 
     def validate(self) -> None:
         if self.every_steps < 0:

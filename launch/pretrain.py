@@ -24,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--resume", default=None, help="'auto' (newest committed checkpoint) or a checkpoint dir")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the model, data, objective or schedule differ from the checkpoint's")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: local sqlite store)")
     p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=...")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.allow_config_change:
+        overrides.append("checkpoint.allow_config_change=true")
     if args.tracking_uri is not None:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.run_dir is not None:

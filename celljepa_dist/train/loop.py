@@ -1,5 +1,9 @@
 """The pre-training step and loop. No argparse here: `launch/pretrain.py` builds the config.
 
+`setup` builds everything once (a `Trainer`), `train_step` is one optimiser step, `commit`
+checkpoints; `run` strings them together. Finetuning and perturbation training reuse these pieces
+with another loss and other data.
+
 One optimiser step = `gradient_accumulation_steps` micro-batches on every rank. Randomness that
 the model draws (dropout) is re-seeded before every micro-batch from a pure function of
 (seed, step, micro-batch, rank), so a resumed run replays exactly what an uninterrupted run does.
@@ -14,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,8 +29,9 @@ from celljepa_dist.model import CellJEPA, celljepa_loss, momentum_at, teacher_em
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.tracking import default_run_name, git_sha, make_tracker
 from celljepa_dist.train.checkpoint import CheckpointManager, ResumeError, committed_checkpoints, resolve_resume
-from celljepa_dist.train.engine import build_ds_config, init_distributed, initialize_engine
+from celljepa_dist.train.engine import DistInfo, build_ds_config, init_distributed, initialize_engine
 from celljepa_dist.train.health_probe import HEALTH_LOG, HealthMonitor
+from celljepa_dist.train.state import TrainState, config_fingerprint, describe_differences, fingerprint_differences
 from celljepa_dist.train.teacher import Teacher
 
 LOSS_LOG = "losses.jsonl"
@@ -138,8 +144,56 @@ class _LossLog:
             self.pending = []
 
 
-def run(cfg: TrainConfig) -> RunResult:
-    """Train per `cfg` on the process group of the launcher; returns where things are (all ranks)."""
+@dataclass
+class Trainer:
+    """Everything a run sets up once (`setup`), around which `train_step` and `commit` work: the
+    torchtitan split of setup, step and checkpoint. The state that survives a restart is
+    `state` (global, train_state.json), the engine and teacher weights, and per rank the RNG and
+    the loader position (`rank_state`)."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    run_dir: Path
+    vocab_sha256: str
+    tokenisation: dict
+    terms: list[str]  # loss terms computed, logged and NaN-checked (loss_terms)
+    steps_per_epoch: int
+    engine: Any
+    teacher: Teacher | None
+    float_dtype: torch.dtype
+    n_nonembed: int
+    ckpt: CheckpointManager
+    state: TrainState
+    resume_dir: Path | None
+    tracker: Any
+    health: HealthMonitor | None
+    losslog: "_LossLog | None"
+    healthlog: "_LossLog | None"
+    last_logged: int  # highest step already in the MLflow run (a resume logs nothing twice)
+    resumed_loader_state: dict | None = None  # mid-epoch position, for the first loader only
+    loader: Any = None  # the current epoch's loader and how many batches this process took from it
+    consumed: int = 0
+    progress: Any = None
+    committed: list[Path] = field(default_factory=list)
+
+    @property
+    def grad_accum(self) -> int:
+        return self.cfg.deepspeed.gradient_accumulation_steps
+
+    @property
+    def batches_per_epoch_used(self) -> int:
+        return self.steps_per_epoch * self.grad_accum  # a ragged tail of < ga batches is not used
+
+    def last_commit(self):
+        return self.committed[-1] if self.committed else self.resume_dir
+
+    def rank_state(self) -> dict:
+        return {"loader": self.loader.state_dict(self.consumed) if self.state.batches_done else None}
+
+
+def setup(cfg: TrainConfig) -> Trainer:
+    """Process group, vocab, plan, engine, teacher, checkpoints (resume), tracking, health probe."""
+    from celljepa_dist.data.shards import read_manifest
     from celljepa_dist.data.stream import build_loader
     from celljepa_dist.data.vocab import GeneVocab
 
@@ -158,26 +212,25 @@ def run(cfg: TrainConfig) -> RunResult:
     if cfg.loss.gepc_weight > 0:
         cfg.model.use_mvc = True  # the GEPC head exists exactly when its loss is on (scgpt by default)
     cfg.model.validate()
-    terms_logged = loss_terms(cfg.loss)
     tokenisation = _tokenisation(cfg)
 
     ga = cfg.deepspeed.gradient_accumulation_steps
-    probe, _ = build_loader(cfg.data, info.rank, info.world_size, epoch=0, vocab_sha256=vocab.sha256)
-    batches_per_epoch = probe.epoch_batches
-    del probe
-    steps_per_epoch = batches_per_epoch // ga
+    plan, _ = build_loader(cfg.data, info.rank, info.world_size, epoch=0, vocab_sha256=vocab.sha256)
+    steps_per_epoch = plan.epoch_batches // ga
     if steps_per_epoch == 0:
-        raise ValueError(f"data: {batches_per_epoch} batches per rank < gradient_accumulation_steps={ga}")
+        raise ValueError(f"data: {plan.epoch_batches} batches per rank < gradient_accumulation_steps={ga}")
+    del plan
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    fingerprint = json.loads(json.dumps(config_fingerprint(
+        flatten(cfg), vocab.sha256, read_manifest(cfg.data.shards_dir)["total_cells"], total_steps)))
     # The probe cells (None when health is off); a bad probe fails here, before any engine starts.
     health = HealthMonitor.from_config(cfg, vocab.sha256, vocab_path, total_steps, info.rank)
 
     ds_config = build_ds_config(cfg, info.world_size)
     model = _build_model(cfg, ds_config)
-    n_nonembed = count_nonembedding_params(model.student) + count_nonembedding_params(model.predictor) \
-        + count_nonembedding_params(model.value_head)
+    n_nonembed = sum(count_nonembedding_params(m) for m in (model.student, model.predictor, model.value_head))
     engine, _, _ = initialize_engine(cfg, model, ds_config, steps_per_epoch)
     float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     teacher = None
@@ -192,13 +245,16 @@ def run(cfg: TrainConfig) -> RunResult:
         raise ResumeError(f"{run_dir} already holds committed checkpoints: pass --resume auto to continue "
                           "it, or choose a new run_dir")
     ckpt.clean_uncommitted()
-    step, epoch, batches_done, loader_state = 0, 0, 0, None
+    state = TrainState(total_steps=total_steps, fingerprint=fingerprint)
+    resumed_loader_state = None
     if resume_dir is not None:
-        train_state, rank_state = ckpt.load(resume_dir, engine, teacher)
-        step, epoch, batches_done = train_state["step"], train_state["epoch"], train_state["batches_done"]
-        loader_state = rank_state["loader"]
+        check_same_run(resume_dir, fingerprint, cfg.checkpoint.allow_config_change, info.rank)
+        saved, rank_state = ckpt.load(resume_dir, engine, teacher)
+        state.load_state_dict(saved)
+        resumed_loader_state = rank_state["loader"]
         if info.rank == 0:
-            print(f"resumed from {resume_dir} at step {step} (epoch {epoch}, batch {batches_done})", flush=True)
+            print(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, batch "
+                  f"{state.batches_done})", flush=True)
 
     tracker = make_tracker(cfg.tracking, run_dir, info.rank,
                            tags={"git_sha": git_sha(), "world_size": str(info.world_size),
@@ -206,140 +262,225 @@ def run(cfg: TrainConfig) -> RunResult:
                            resume=resume_dir is not None,
                            run_name=default_run_name(cfg.objective, cfg.model.d_model, cfg.model.n_layers, run_dir.name))
     if info.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
-        atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
-        if resume_dir is None:
-            shutil.copyfile(vocab_path, run_dir / "vocab.json")
-            tracker.log_params(flatten(cfg))
-            for name in ("config.yaml", "ds_config.json", "vocab.json"):
-                tracker.log_artifact(run_dir / name)
-    losslog = _LossLog(run_dir / LOSS_LOG, step) if info.rank == 0 else None
-    last_logged = tracker.last_logged_step()
-    healthlog = _LossLog(run_dir / HEALTH_LOG, step) if info.rank == 0 and health is not None else None
+        _write_run_files(cfg, run_dir, ds_config, vocab_path, tracker, resumed_at=state.step if resume_dir else None)
+    losslog = _LossLog(run_dir / LOSS_LOG, state.step) if info.rank == 0 else None
+    healthlog = _LossLog(run_dir / HEALTH_LOG, state.step) if info.rank == 0 and health is not None else None
     if health is not None:
         health.attach(tracker, healthlog)
-
-    committed: list[Path] = []
     progress = None
     if info.rank == 0 and cfg.tracking.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=step, desc=f"pretrain {cfg.objective}", dynamic_ncols=True)
+        progress = tqdm(total=total_steps, initial=state.step, desc=f"pretrain {cfg.objective}", dynamic_ncols=True)
+    return Trainer(cfg=cfg, info=info, run_dir=run_dir, vocab_sha256=vocab.sha256, tokenisation=tokenisation,
+                   terms=loss_terms(cfg.loss), steps_per_epoch=steps_per_epoch, engine=engine, teacher=teacher,
+                   float_dtype=float_dtype, n_nonembed=n_nonembed, ckpt=ckpt, state=state, resume_dir=resume_dir,
+                   tracker=tracker, health=health, losslog=losslog, healthlog=healthlog,
+                   last_logged=tracker.last_logged_step(), resumed_loader_state=resumed_loader_state,
+                   progress=progress)
 
-    def commit(at_step: int) -> None:
-        tracker.flush()  # before the marker: a kill in between re-logs nothing (see MlflowTracker)
-        for log in (losslog, healthlog):
-            if log is not None:
-                log.flush()
-        d = ckpt.save(at_step, engine, teacher,
-                      {"step": at_step, "epoch": epoch, "batches_done": batches_done,
-                       "ema_step": at_step, "total_steps": total_steps,
-                       # What an offline export needs (celljepa_dist/export.py): no DeepSpeed, no YAML.
-                       "objective": cfg.objective, "zero_stage": cfg.deepspeed.zero_stage,
-                       "model": cfg.model.to_dict(), "vocab_sha256": vocab.sha256, "data": tokenisation},
-                      {"loader": loader.state_dict(consumed) if batches_done else None})
-        committed.append(d)
 
-    last_saved = step if resume_dir is not None else -1
+def check_same_run(resume_dir: Path, fingerprint: dict, allow_change: bool, rank: int) -> None:
+    """A resume continues the checkpoint's run: same model, data, objective and schedule (the
+    fingerprint), unless the user allows a change explicitly."""
+    saved = json.loads((resume_dir / "train_state.json").read_text()).get("fingerprint")
+    if saved is None:
+        if rank == 0:
+            print(f"note: {resume_dir} predates config fingerprints; the resume is not checked against it", flush=True)
+        return
+    diffs = fingerprint_differences(saved, fingerprint)
+    if diffs and not allow_change:
+        raise ResumeError(f"{resume_dir}: this run's config differs from the checkpoint's in "
+                          f"{len(diffs)} key(s) that define the run: {describe_differences(diffs)}. Resume "
+                          "with the checkpoint's values, or pass --allow-config-change "
+                          "(checkpoint.allow_config_change=true) to continue under the new ones")
+    if diffs and rank == 0:
+        print(f"WARNING: resuming {resume_dir} with a changed config (allowed): {describe_differences(diffs)}",
+              flush=True)
+
+
+def _write_run_files(cfg: TrainConfig, run_dir: Path, ds_config: dict, vocab_path: Path, tracker,
+                     resumed_at: int | None) -> None:
+    """config.yaml, ds_config.json, vocab.json (+ MLflow params and artefacts on a fresh start).
+    A resume that changes the config keeps the previous config.yaml beside the new one."""
+    config_yaml = run_dir / "config.yaml"
+    if resumed_at is not None and config_yaml.exists():
+        previous = config_yaml.read_text()
+        save_config(cfg, config_yaml)
+        if config_yaml.read_text() != previous:
+            atomic_write_text(run_dir / f"config.before_step_{resumed_at:08d}.yaml", previous)
+    else:
+        save_config(cfg, config_yaml)
+    atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+    if resumed_at is None:
+        shutil.copyfile(vocab_path, run_dir / "vocab.json")
+        tracker.log_params(flatten(cfg))
+        for name in ("config.yaml", "ds_config.json", "vocab.json"):
+            tracker.log_artifact(run_dir / name)
+
+
+def open_epoch(tr: Trainer):
+    """The loader of the current epoch (from the resumed position the first time); its batches."""
+    from celljepa_dist.data.stream import build_loader
+
+    resume = tr.resumed_loader_state if tr.state.batches_done else None
+    tr.loader, _ = build_loader(tr.cfg.data, tr.info.rank, tr.info.world_size, epoch=tr.state.epoch,
+                                resume_state=resume, vocab_sha256=tr.vocab_sha256)
+    tr.resumed_loader_state, tr.consumed = None, 0
+    return iter(tr.loader)
+
+
+def micro_step(tr: Trainer, batch: dict, micro: int) -> torch.Tensor:
+    """Forward, loss and backward of one micro-batch; returns [loss terms..., tokens], all-reduced."""
+    cfg, state = tr.cfg, tr.state
+    torch.manual_seed(step_seed(cfg.seed, state.step, micro, tr.info.rank))
+    out = tr.engine(batch)
+    teacher_cls = teacher_embedding(tr.teacher, batch) if tr.teacher is not None else None
+    losses = celljepa_loss(out, batch, cfg.loss, teacher_cls)
+    terms = torch.stack([losses[t].detach().double().cpu() for t in tr.terms]
+                        + [torch.tensor(float(batch["lengths"].sum()), dtype=torch.float64)])
+    if dist.is_initialized():
+        dist.all_reduce(terms)  # NaN on any rank -> NaN on all: every rank decides alike
+    bad_terms = [n for n, v in zip(tr.terms, terms[:-1]) if not math.isfinite(v)]
+    if bad_terms and cfg.nonfinite_policy == "stop":
+        raise NonFiniteError(
+            f"non-finite {', '.join(bad_terms)} at step {state.step} (epoch {state.epoch}, batch "
+            f"{state.batches_done}); stopped before the optimiser step; last committed checkpoint: {tr.last_commit()}")
+    tr.engine.backward(losses["loss"])
+    return terms
+
+
+def train_step(tr: Trainer, batches) -> tuple[dict, dict]:
+    """One optimiser step: `gradient_accumulation_steps` micro-batches from `batches`, the step,
+    the EMA update. Returns (the step's loss record, its metrics)."""
+    cfg, state, engine = tr.cfg, tr.state, tr.engine
+    t_start = time.perf_counter()
+    sums = torch.zeros(len(tr.terms) + 1, dtype=torch.float64)  # loss terms, tokens over the step
+    for micro in range(tr.grad_accum):
+        batch = next(batches, None)
+        if batch is None:
+            raise RuntimeError(f"epoch {state.epoch}: the loader stopped after {state.batches_done} batches, "
+                               f"expected {tr.batches_per_epoch_used}")
+        batch = _to_device(batch, engine.device, tr.float_dtype)
+        sums += micro_step(tr, batch, micro)
+        state.batches_done += 1
+        tr.consumed += 1
+        if micro != tr.grad_accum - 1:
+            engine.step()  # DeepSpeed counts micro-steps; no optimiser step here
+
+    grad_norm = _check_grads_before_step(engine, cfg, state.step)
+    skipped_before = engine.skipped_steps
+    engine.step()
+    applied = engine.skipped_steps == skipped_before
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    if not applied and cfg.nonfinite_policy == "stop":
+        raise NonFiniteError(f"non-finite gradient norm at step {state.step}: DeepSpeed skipped the optimiser step; "
+                             f"stopped; last committed checkpoint: {tr.last_commit()}")
+    momentum = momentum_at(state.step, state.total_steps, cfg.ema.schedule, cfg.ema.base, cfg.ema.final)
+    if tr.teacher is not None and applied:
+        tr.teacher.update(momentum)
+    state.step += 1
+
+    elapsed = time.perf_counter() - t_start
+    world = tr.info.world_size
+    cells, tokens = cfg.data.batch_size * tr.grad_accum * world, float(sums[-1])
+    mean = sums[:-1] / (tr.grad_accum * world)
+    record = {"step": state.step, "epoch": state.epoch, **{t: float(v) for t, v in zip(tr.terms, mean)}}
+    metrics = {**{k: v for k, v in record.items() if k.startswith("loss")},
+               "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "cells_per_s": cells / elapsed, "tokens_per_s": tokens / elapsed,
+               "memory_mb": peak_memory_mb(), "step_applied": float(applied)}
+    if tr.teacher is not None:
+        metrics["ema_momentum"] = momentum
+    if cfg.tracking.peak_tflops > 0:
+        fpt = flops_per_token(tr.n_nonembed, cfg.model.n_layers, cfg.model.d_model, batch["gene_ids"].shape[1],
+                              tr.teacher is not None)
+        metrics["mfu"] = fpt * tokens / elapsed / (cfg.tracking.peak_tflops * 1e12 * world)
+    return record, metrics
+
+
+def report_step(tr: Trainer, record: dict, metrics: dict) -> None:
+    """Loss log, heartbeat, MLflow, health probe (every rank), progress bar."""
+    step = tr.state.step
+    if tr.losslog is not None:
+        tr.losslog.add(record)
+        # Heartbeat for watchdogs (and the kill test): where the run is right now.
+        atomic_write_text(tr.run_dir / PROGRESS_FILE, json.dumps({"step": step, "epoch": tr.state.epoch}), fsync=False)
+    if step % tr.cfg.tracking.log_every == 0 and step > tr.last_logged:
+        tr.tracker.log_step(step, metrics)
+    if tr.health is not None:  # every rank: collective forwards under ZeRO-3
+        tr.health.after_step(step, tr.engine.module, tr.teacher, tr.engine.device, tr.float_dtype)
+    if tr.progress is not None:
+        tr.progress.update(1)
+        tr.progress.set_postfix(loss=f"{record['loss']:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
+
+
+def data_stats(tr: Trainer) -> dict[str, float]:
+    """The loader's skip counters over all ranks (collective): shards skipped (max over ranks),
+    cells skipped and dropped (sums)."""
+    s = tr.loader.stats()
+    cells = torch.tensor([s["skipped_cells"], s["dropped_cells"]], dtype=torch.float64)
+    shards = torch.tensor([s["skipped_shards"]], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(cells)
+        dist.all_reduce(shards, op=dist.ReduceOp.MAX)
+    return {"data/skipped_shards": float(shards[0]), "data/skipped_cells": float(cells[0]),
+            "data/dropped_cells": float(cells[1])}
+
+
+def commit(tr: Trainer) -> Path:
+    """Collective: checkpoint the run at its current step (every rank), with the logs that go with it."""
+    step = tr.state.step
+    if tr.loader is not None:
+        stats = data_stats(tr)
+        if step > tr.last_logged:
+            tr.tracker.log_step(step, stats)
+    tr.tracker.flush()  # before the marker: a kill in between re-logs nothing (see MlflowTracker)
+    for log in (tr.losslog, tr.healthlog):
+        if log is not None:
+            log.flush()
+    cfg = tr.cfg
+    # What an offline export needs (celljepa_dist/export.py): no DeepSpeed, no YAML.
+    export_facts = {"objective": cfg.objective, "zero_stage": cfg.deepspeed.zero_stage, "model": cfg.model.to_dict(),
+                    "vocab_sha256": tr.vocab_sha256, "data": tr.tokenisation}
+    d = tr.ckpt.save(step, tr.engine, tr.teacher, {**tr.state.state_dict(), **export_facts}, tr.rank_state())
+    tr.committed.append(d)
+    return d
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    """Train per `cfg` on the process group of the launcher; returns where things are (all ranks)."""
+    tr = setup(cfg)
+    state = tr.state
+    last_saved = state.step if tr.resume_dir is not None else -1
     try:
-        batches_per_epoch_used = steps_per_epoch * ga  # a ragged tail of < ga batches is not used
-        while step < total_steps:
-            loader, _ = build_loader(cfg.data, info.rank, info.world_size, epoch=epoch,
-                                     resume_state=loader_state if batches_done else None, vocab_sha256=vocab.sha256)
-            consumed, loader_state = 0, None
-            sums = torch.zeros(len(terms_logged) + 1, dtype=torch.float64)  # loss terms, tokens over the window
-            t_step = time.perf_counter()
-            for batch in loader:
-                micro = batches_done % ga
-                torch.manual_seed(step_seed(cfg.seed, step, micro, info.rank))
-                batch = _to_device(batch, engine.device, float_dtype)
-                out = engine(batch)
-                teacher_cls = teacher_embedding(teacher, batch) if teacher is not None else None
-                losses = celljepa_loss(out, batch, cfg.loss, teacher_cls)
-                terms = torch.stack([losses[t].detach().double().cpu() for t in terms_logged]
-                                    + [torch.tensor(float(batch["lengths"].sum()), dtype=torch.float64)])
-                if dist.is_initialized():
-                    dist.all_reduce(terms)  # NaN on any rank -> NaN on all: every rank decides alike
-                bad_terms = [n for n, v in zip(terms_logged, terms[:-1]) if not math.isfinite(v)]
-                if bad_terms and cfg.nonfinite_policy == "stop":
-                    raise NonFiniteError(
-                        f"non-finite {', '.join(bad_terms)} at step {step} (epoch {epoch}, batch {batches_done}); "
-                        f"stopped before the optimiser step; last committed checkpoint: "
-                        f"{committed[-1] if committed else resume_dir}")
-                sums += terms
-                engine.backward(losses["loss"])
-                batches_done += 1
-                consumed += 1
-                if micro != ga - 1:
-                    engine.step()  # DeepSpeed counts micro-steps; no optimiser step here
-                    continue
-
-                grad_norm = _check_grads_before_step(engine, cfg, step)
-                skipped_before = engine.skipped_steps
-                engine.step()
-                applied = engine.skipped_steps == skipped_before
-                if grad_norm is None:
-                    grad_norm = engine.get_global_grad_norm()
-                if not applied and cfg.nonfinite_policy == "stop":
-                    raise NonFiniteError(
-                        f"non-finite gradient norm at step {step}: DeepSpeed skipped the optimiser step; "
-                        f"stopped; last committed checkpoint: {committed[-1] if committed else resume_dir}")
-                momentum = momentum_at(step, total_steps, cfg.ema.schedule, cfg.ema.base, cfg.ema.final)
-                if teacher is not None and applied:
-                    teacher.update(momentum)
-                step += 1
-
-                elapsed = time.perf_counter() - t_step
-                cells = cfg.data.batch_size * ga * info.world_size
-                tokens = float(sums[-1])
-                mean = sums[:-1] / (ga * info.world_size)
-                record = {"step": step, "epoch": epoch, **{t: float(v) for t, v in zip(terms_logged, mean)}}
-                metrics = {**{k: v for k, v in record.items() if k.startswith("loss")},
-                           "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                           "cells_per_s": cells / elapsed, "tokens_per_s": tokens / elapsed,
-                           "memory_mb": peak_memory_mb(), "step_applied": float(applied)}
-                if teacher is not None:
-                    metrics["ema_momentum"] = momentum
-                if cfg.tracking.peak_tflops > 0:
-                    seq_len = batch["gene_ids"].shape[1]
-                    fpt = flops_per_token(n_nonembed, cfg.model.n_layers, cfg.model.d_model, seq_len, teacher is not None)
-                    metrics["mfu"] = fpt * tokens / elapsed / (cfg.tracking.peak_tflops * 1e12 * info.world_size)
-                if losslog is not None:
-                    losslog.add(record)
-                    # Heartbeat for watchdogs (and the kill test): where the run is right now.
-                    atomic_write_text(run_dir / PROGRESS_FILE, json.dumps({"step": step, "epoch": epoch}), fsync=False)
-                if step % cfg.tracking.log_every == 0 and step > last_logged:
-                    tracker.log_step(step, metrics)
-                if health is not None:  # every rank: collective forwards under ZeRO-3
-                    health.after_step(step, engine.module, teacher, engine.device, float_dtype)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
-                sums.zero_()
-                if batches_done >= batches_per_epoch_used:
-                    epoch, batches_done = epoch + 1, 0
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    commit(step)
-                    last_saved = step
-                t_step = time.perf_counter()
-                if step >= total_steps or batches_done == 0:
+        while state.step < state.total_steps:
+            batches = open_epoch(tr)
+            while True:
+                record, metrics = train_step(tr, batches)
+                report_step(tr, record, metrics)
+                if state.batches_done >= tr.batches_per_epoch_used:
+                    state.epoch, state.batches_done = state.epoch + 1, 0
+                if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+                    commit(tr)
+                    last_saved = state.step
+                if state.step >= state.total_steps or state.batches_done == 0:
                     break  # done, or the epoch ended: the next loader starts the next epoch
-            else:
-                raise RuntimeError(f"epoch {epoch}: the loader stopped after {batches_done} batches, "
-                                   f"expected {batches_per_epoch_used}")
-        if last_saved != step:
-            commit(step)
+        if last_saved != state.step:
+            commit(tr)
     except BaseException:
-        tracker.drop_pending()  # metrics past the last commit will be recomputed by a resume
-        tracker.finish("FAILED")
+        tr.tracker.drop_pending()  # metrics past the last commit will be recomputed by a resume
+        tr.tracker.finish("FAILED")
         raise
     finally:
-        if progress is not None:
-            progress.close()
-    if info.rank == 0:
-        _summarise_run(tracker, run_dir)
-    tracker.finish("FINISHED")
-    return RunResult(run_dir=run_dir, final_step=step, checkpoints=committed, mlflow_run_id=tracker.run_id)
+        if tr.progress is not None:
+            tr.progress.close()
+    if tr.info.rank == 0:
+        _summarise_run(tr.tracker, tr.run_dir)
+    tr.tracker.finish("FINISHED")
+    return RunResult(run_dir=tr.run_dir, final_step=state.step, checkpoints=tr.committed,
+                     mlflow_run_id=tr.tracker.run_id)
 
 
 def _summarise_run(tracker, run_dir: Path) -> None:
