@@ -24,11 +24,7 @@ import math
 import numpy as np
 import torch
 
-PAD_ID = 0  # docs/ARCHITECTURE.md: special tokens first, <pad> = 0, <cls> = 1
-CLS_ID = 1
-MASK_VALUE = -1.0
-PAD_VALUE = -2.0
-CLS_VALUE = 0.0
+from celljepa_dist.tokens import CLS_ID, CLS_VALUE, MASK_VALUE, PAD_ID, PAD_VALUE
 
 _PHI64 = 0x9E3779B97F4A7C15
 _PHI32 = 0x9E3779B1

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from celljepa_dist.atomic import atomic_path
+from celljepa_dist.tokens import accept_legacy_token_keys
 
 from .cell_jepa import CellJEPA
 from .config import ModelConfig
@@ -100,7 +101,8 @@ def load_meta(directory: str | os.PathLike) -> dict:
 
 def load_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
-    cfg = ModelConfig.from_dict(load_meta(directory)["model"], where=str(path))
+    # config.json files written before celljepa_dist/tokens.py restate the token contract.
+    cfg = ModelConfig.from_dict(accept_legacy_token_keys(load_meta(directory)["model"], str(path)), where=str(path))
     return cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
