@@ -218,7 +218,7 @@ def _layout(n_cells: int, width: int) -> tuple[tuple, int]:
     return tuple(layout), offset
 
 
-def _hashable(layout) -> tuple:
+def hashable_layout(layout) -> tuple:
     """The layout as nested tuples (pin_memory turns tuples into lists on the way)."""
     return tuple((key, dtype, tuple(shape), int(start)) for key, dtype, shape, start in layout)
 
@@ -230,7 +230,7 @@ def _views(layout: tuple) -> tuple:
 
 
 def unpack_arrays(buffer: np.ndarray, layout: list) -> dict[str, np.ndarray]:
-    return {key: buffer[start:stop].view(dt).reshape(shape) for key, dt, shape, start, stop in _views(_hashable(layout))}
+    return {key: buffer[start:stop].view(dt).reshape(shape) for key, dt, shape, start, stop in _views(hashable_layout(layout))}
 
 
 def collate_cells(*args, **kwargs) -> dict[str, np.ndarray]:

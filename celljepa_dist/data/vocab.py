@@ -124,9 +124,6 @@ class GeneVocab:
     def eoc_id(self) -> int:
         return EOC_ID
 
-    def token_of(self, token: str) -> int:
-        return self.special_tokens.index(token)
-
     def map_genes(self, feature_ids: Sequence[str],
                   feature_names: Sequence[str] | None = None) -> tuple[np.ndarray, int]:
         """Token id per dataset gene (-1 if unmatched) and the number unmatched.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -113,9 +112,6 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
         return _from_dict(cls, _load_yaml(path), str(path))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 # GEPC (scGPT's cell-prompt generation, MVC) weight when `w_mvc` is not set. scGPT pre-trains with
