@@ -22,6 +22,7 @@ from celljepa_dist.data.stream import LoaderConfig
 from celljepa_dist.health import HealthThresholds
 from celljepa_dist.model.config import LossConfig, ModelConfig
 from celljepa_dist.model.ema import EMAConfig
+from celljepa_dist.tokens import accept_legacy_token_keys
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +317,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     if isinstance(loss, dict) and loss.get("objective", data.get("objective", "celljepa")) != data.get("objective", "celljepa"):
         raise ConfigError("loss.objective: set the top-level `objective` instead (the loss section follows it)")
     try:
+        if "model" in data:  # config.yaml files written before celljepa_dist/tokens.py restate the token contract
+            data = {**data, "model": accept_legacy_token_keys(data["model"], "model")}
         cfg = from_dict(TrainConfig, data)
         cfg.validate()
     except ValueError as e:

@@ -23,6 +23,7 @@ import torch
 
 from celljepa_dist.model.cell_jepa import CellJEPA
 from celljepa_dist.model.config import ModelConfig
+from celljepa_dist.tokens import accept_legacy_token_keys
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.model.pretrained import save_pretrained
 from celljepa_dist.train.checkpoint import COMMIT_MARKER, ENGINE_TAG
@@ -58,7 +59,8 @@ def read_train_state(ckpt_dir: Path) -> dict:
 def model_config_of(ckpt_dir: Path, state: dict) -> ModelConfig:
     """The checkpoint's own record; checkpoints written before it existed: the run's config.yaml."""
     if "model" in state:
-        return ModelConfig.from_dict(state["model"], where=f"{ckpt_dir / 'train_state.json'}: model")
+        where = f"{ckpt_dir / 'train_state.json'}: model"
+        return ModelConfig.from_dict(accept_legacy_token_keys(state["model"], where), where=where)
     from celljepa_dist.config import load_config
 
     config_yaml = ckpt_dir.parent.parent / "config.yaml"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from celljepa_dist.data import collate as C
+from celljepa_dist.tokens import CLS_ID, PAD_ID
 
 M32, M64 = 2**32 - 1, 2**64 - 1
 
@@ -38,7 +39,7 @@ def ref_cell(genes, bins, joinid, seed, epoch, max_genes, ratio, known_first):
     kept, masked = sorted(by_key[:k]), set(by_key[:m])
     if known_first:
         kept = [i for i in kept if i not in masked] + [i for i in kept if i in masked]
-    ids = [C.CLS_ID] + [int(genes[i]) for i in kept]
+    ids = [CLS_ID] + [int(genes[i]) for i in kept]
     target = [0.0] + [float(bins[i]) for i in kept]
     flags = [False] + [i in masked for i in kept]
     values = [-1.0 if f else t for t, f in zip(target, flags)]
@@ -70,7 +71,7 @@ def test_batch_equals_naive_reference(ratio, known_first):
                               int(joinids[i]), 3, 2, 60, ratio, known_first)
         n = len(g)
         assert b["lengths"][i] == n
-        assert b["gene_ids"][i, :n].tolist() == g and (b["gene_ids"][i, n:] == C.PAD_ID).all()
+        assert b["gene_ids"][i, :n].tolist() == g and (b["gene_ids"][i, n:] == PAD_ID).all()
         assert b["values"][i, :n].tolist() == v and (b["values"][i, n:] == -2).all()
         assert b["target_values"][i, :n].tolist() == t and (b["target_values"][i, n:] == -2).all()
         assert b["value_mask"][i, :n].tolist() == f and not b["value_mask"][i, n:].any()
@@ -95,7 +96,7 @@ def test_dtypes_and_contract():
               "value_mask": torch.bool, "padding_mask": torch.bool, "lengths": torch.int32,
               "cell_ids": torch.int64, "labels": torch.int64}
     assert {k: v.dtype for k, v in b.items()} == expect
-    assert (b["gene_ids"][:, 0] == C.CLS_ID).all() and not b["value_mask"][:, 0].any()
+    assert (b["gene_ids"][:, 0] == CLS_ID).all() and not b["value_mask"][:, 0].any()
     assert (b["labels"] == -1).all()
     kept = torch.clamp(b["lengths"] - 1, max=600)
     assert (b["value_mask"].sum(1) == torch.ceil(kept * 0.15)).all()

@@ -25,7 +25,7 @@ def test_backends_agree_on_loader_batches(tiny_shards, known_first):
     assert batch["value_mask"].any() and batch["padding_mask"].any()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=2, n_heads=4, d_hid=32, dropout=0.0,
-                      pad_id=vocab.pad_id, cls_id=vocab.cls_id, flash_kernel="torch")
+                      flash_kernel="torch")
     model = CellJEPA(cfg)
     teacher = make_teacher(model.student)
     t_cls = teacher_embedding(teacher, batch)

@@ -24,11 +24,7 @@ import math
 import numpy as np
 import torch
 
-PAD_ID = 0  # docs/ARCHITECTURE.md: special tokens first, <pad> = 0, <cls> = 1
-CLS_ID = 1
-MASK_VALUE = -1.0
-PAD_VALUE = -2.0
-CLS_VALUE = 0.0
+from celljepa_dist.tokens import CLS_ID, CLS_VALUE, MASK_VALUE, PAD_ID, PAD_VALUE
 
 _PHI64 = 0x9E3779B97F4A7C15
 _PHI32 = 0x9E3779B1
@@ -222,7 +218,7 @@ def _layout(n_cells: int, width: int) -> tuple[tuple, int]:
     return tuple(layout), offset
 
 
-def _hashable(layout) -> tuple:
+def hashable_layout(layout) -> tuple:
     """The layout as nested tuples (pin_memory turns tuples into lists on the way)."""
     return tuple((key, dtype, tuple(shape), int(start)) for key, dtype, shape, start in layout)
 
@@ -234,7 +230,7 @@ def _views(layout: tuple) -> tuple:
 
 
 def unpack_arrays(buffer: np.ndarray, layout: list) -> dict[str, np.ndarray]:
-    return {key: buffer[start:stop].view(dt).reshape(shape) for key, dt, shape, start, stop in _views(_hashable(layout))}
+    return {key: buffer[start:stop].view(dt).reshape(shape) for key, dt, shape, start, stop in _views(hashable_layout(layout))}
 
 
 def collate_cells(*args, **kwargs) -> dict[str, np.ndarray]:

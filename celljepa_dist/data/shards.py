@@ -22,6 +22,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from celljepa_dist.atomic import atomic_write_bytes, publish, read_json, temp_path_beside
+from celljepa_dist.tokens import N_SPECIAL
 
 SHARD_FORMAT = "celljepa-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -381,7 +382,7 @@ def build_manifest(shards: list[dict], vocab_sha256: str, n_bins: int, source: d
 
 
 def validate_shards(shards_dir: str | os.PathLike, vocab_sha256: str | None = None,
-                    vocab_size: int | None = None, n_special: int = 3) -> list[str]:
+                    vocab_size: int | None = None, n_special: int = N_SPECIAL) -> list[str]:
     """Check every shard against the manifest; returns faults (empty list: all good), each naming
     the shard and what is wrong."""
     shards_dir = Path(shards_dir)

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import order as O
-from .collate import _hashable, check_mask_ratio, collate_cells_packed, gather_cells
+from .collate import check_mask_ratio, collate_cells_packed, gather_cells, hashable_layout
 from .shard_cache import SharedShardCache, make_cache_dir
 from .shard_reader import ShardCells, ShardError, read_shard_cells  # noqa: F401 (re-exported)
 from .shards import check_vocab_hash, read_manifest
@@ -294,7 +294,7 @@ class CellStream(IterableDataset):
 
 def unpack_batch(buffer: torch.Tensor, layout: list) -> dict[str, torch.Tensor]:
     """Tensor views into the (possibly pinned) batch buffer built by collate_cells_packed; no copy."""
-    return {key: buffer[start:stop].view(dt).reshape(shape) for key, dt, shape, start, stop in _torch_views(_hashable(layout))}
+    return {key: buffer[start:stop].view(dt).reshape(shape) for key, dt, shape, start, stop in _torch_views(hashable_layout(layout))}
 
 
 @functools.lru_cache(maxsize=256)  # batches repeat a few layouts

@@ -1,7 +1,8 @@
 """Gene vocabulary keyed by Ensembl feature_id, with special tokens and a content hash.
 
 File format (docs/ARCHITECTURE.md): {"format": "celljepa-vocab/1", "special_tokens": [...],
-"genes": [{"feature_id", "feature_name"}, ...], "sha256": hex}. Token ids: special tokens first,
+"genes": [{"feature_id", "feature_name"}, ...], "sha256": hex}. Token ids: special tokens first
+(they must start with celljepa_dist/tokens.py's SPECIAL_TOKENS, so their ids are the contract's),
 then genes in file order. The hash covers the canonical JSON of everything except "sha256", so
 shards and checkpoints can refuse a vocabulary they were not built with.
 """
@@ -17,9 +18,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from celljepa_dist.atomic import atomic_write_bytes, read_json
+from celljepa_dist.tokens import CLS_ID, EOC_ID, N_SPECIAL, PAD_ID, SPECIAL_TOKENS
 
 VOCAB_FORMAT = "celljepa-vocab/1"
-SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
 
 def canonical_json(obj) -> bytes:
@@ -47,7 +48,7 @@ class GeneVocab:
         if len(self.feature_ids) != len(self.feature_names):
             raise ValueError(
                 f"vocab: {len(self.feature_ids)} feature_ids but {len(self.feature_names)} feature_names")
-        if tuple(self.special_tokens[:3]) != SPECIAL_TOKENS:
+        if tuple(self.special_tokens[:N_SPECIAL]) != SPECIAL_TOKENS:
             raise ValueError(f"vocab: special_tokens must start with {SPECIAL_TOKENS}, got {self.special_tokens}")
         offset = len(self.special_tokens)
         self._id_index = {}
@@ -110,20 +111,18 @@ class GeneVocab:
     def __len__(self) -> int:
         return len(self.special_tokens) + len(self.feature_ids)
 
+    # The special tokens start with tokens.SPECIAL_TOKENS (checked above): their ids are the contract's.
     @property
     def pad_id(self) -> int:
-        return self.special_tokens.index("<pad>")
+        return PAD_ID
 
     @property
     def cls_id(self) -> int:
-        return self.special_tokens.index("<cls>")
+        return CLS_ID
 
     @property
     def eoc_id(self) -> int:
-        return self.special_tokens.index("<eoc>")
-
-    def token_of(self, token: str) -> int:
-        return self.special_tokens.index(token)
+        return EOC_ID
 
     def map_genes(self, feature_ids: Sequence[str],
                   feature_names: Sequence[str] | None = None) -> tuple[np.ndarray, int]:

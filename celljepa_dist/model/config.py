@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from celljepa_dist.tokens import N_SPECIAL
 
 ATTENTION_BACKENDS = ("reference", "sdpa", "flex", "flash")
 FLASH_KERNELS = ("auto", "flash_attn", "torch")
@@ -54,10 +55,7 @@ class ModelConfig:
     value_encoder: str = "continuous"
     n_bins: int = 51
     max_value: float = 512.0  # scGPT clamps continuous input values to this
-    pad_id: int = 0
-    cls_id: int = 1
-    mask_value: float = -1.0
-    pad_value: float = -2.0
+    # Special token ids and the mask/pad values are not settable: celljepa_dist/tokens.py owns them.
     predictor_hidden: int = 0  # JEPA predictor width; 0 means d_model
     use_mvc: bool = False  # GEPC/MVC head (fine-tuning; off in pre-training as in the paper)
 
@@ -69,8 +67,8 @@ class ModelConfig:
         def bad(field: str, why: str):
             raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
 
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 3):
-            bad("vocab_size", "must be an int >= 3 (the special tokens) or null to take it from the vocab")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < N_SPECIAL):
+            bad("vocab_size", f"must be an int >= {N_SPECIAL} (the special tokens) or null to take it from the vocab")
         for name in ("d_model", "n_layers", "n_heads", "d_hid", "n_bins"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 bad(name, "must be a positive int")
@@ -90,16 +88,8 @@ class ModelConfig:
             bad("value_encoder", f"must be one of {VALUE_ENCODERS}")
         if self.n_bins < 2:
             bad("n_bins", "must be >= 2")
-        if self.mask_value == self.pad_value:
-            bad("mask_value", "must differ from pad_value")
-        if self.mask_value >= 0 or self.pad_value >= 0:
-            bad("mask_value" if self.mask_value >= 0 else "pad_value", "must be negative (bins are >= 0)")
         if self.predictor_hidden < 0:
             bad("predictor_hidden", "must be >= 0")
-        if self.vocab_size is not None:
-            for name in ("pad_id", "cls_id"):
-                if not 0 <= getattr(self, name) < self.vocab_size:
-                    bad(name, f"must be a token id in [0, vocab_size={self.vocab_size})")
         return self
 
     def require_vocab_size(self) -> int:
@@ -122,9 +112,6 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
         return _from_dict(cls, _load_yaml(path), str(path))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 # GEPC (scGPT's cell-prompt generation, MVC) weight when `w_mvc` is not set. scGPT pre-trains with

@@ -4,15 +4,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from celljepa_dist.tokens import MASK_VALUE, PAD_ID, PAD_VALUE
+
 from .config import ModelConfig
 
 
 class GeneEmbedding(nn.Module):
-    """Gene id -> vector. `<cls>` comes from the same table (paper eq. after 2.1)."""
+    """Gene id -> vector. `<cls>` comes from the same table (paper eq. after 2.1); `<pad>`
+    (tokens.PAD_ID) is the padding row."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.require_vocab_size(), cfg.d_model, padding_idx=cfg.pad_id)
+        self.embedding = nn.Embedding(cfg.require_vocab_size(), cfg.d_model, padding_idx=PAD_ID)
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
     def forward(self, gene_ids: torch.Tensor) -> torch.Tensor:
@@ -22,8 +25,8 @@ class GeneEmbedding(nn.Module):
 class ContinuousValueEmbedding(nn.Module):
     """scGPT's ContinuousValueEncoder: the bin number as a scalar through a small MLP.
 
-    The sentinels (mask -1, pad -2) go through the same MLP as plain numbers, as in scGPT; that is
-    how the masked token gets its own learned embedding f_val(-1)."""
+    The sentinels (tokens.MASK_VALUE = -1, tokens.PAD_VALUE = -2) go through the same MLP as plain
+    numbers, as in scGPT; that is how the masked token gets its own learned embedding f_val(-1)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -46,14 +49,13 @@ class CategoryValueEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_bins = cfg.n_bins
-        self.mask_value, self.pad_value = cfg.mask_value, cfg.pad_value
         self.embedding = nn.Embedding(cfg.n_bins + 2, cfg.d_model, padding_idx=cfg.n_bins + 1)
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
     def category_ids(self, values: torch.Tensor) -> torch.Tensor:
         ids = values.round().long().clamp(0, self.n_bins - 1)
-        ids = ids.masked_fill(values == self.mask_value, self.n_bins)
-        return ids.masked_fill(values == self.pad_value, self.n_bins + 1)
+        ids = ids.masked_fill(values == MASK_VALUE, self.n_bins)
+        return ids.masked_fill(values == PAD_VALUE, self.n_bins + 1)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         return self.norm(self.embedding(self.category_ids(values)))

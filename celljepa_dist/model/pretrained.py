@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from celljepa_dist.atomic import atomic_path
+from celljepa_dist.tokens import accept_legacy_token_keys
 
 from .cell_jepa import CellJEPA
 from .config import ModelConfig
@@ -44,7 +45,8 @@ def _fp32_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def _load_vocab(vocab_path: Path):
+def load_vocab(vocab_path: Path):
+    """The GeneVocab of a vocab.json; any failure is a ValueError naming the file."""
     from celljepa_dist.data.vocab import GeneVocab
 
     try:
@@ -74,7 +76,7 @@ def save_pretrained(model: CellJEPA, directory: str | os.PathLike, vocab_path: O
             "data": {k: data[k] for k in DATA_KEYS} if data is not None else None, "source": source}
     if vocab_path is not None:
         vocab_path = Path(vocab_path)
-        vocab = _load_vocab(vocab_path)
+        vocab = load_vocab(vocab_path)
         if len(vocab) != cfg.vocab_size:
             raise ValueError(f"{vocab_path}: {len(vocab)} tokens but ModelConfig.vocab_size={cfg.vocab_size}")
         meta["vocab_sha256"] = vocab.sha256
@@ -100,7 +102,8 @@ def load_meta(directory: str | os.PathLike) -> dict:
 
 def load_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
-    cfg = ModelConfig.from_dict(load_meta(directory)["model"], where=str(path))
+    # config.json files written before celljepa_dist/tokens.py restate the token contract.
+    cfg = ModelConfig.from_dict(accept_legacy_token_keys(load_meta(directory)["model"], str(path)), where=str(path))
     return cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 

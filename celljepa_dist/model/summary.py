@@ -12,7 +12,7 @@ import torch
 
 from .cell_jepa import CellJEPA
 from .config import ModelConfig
-from .pretrained import _load_vocab
+from .pretrained import load_vocab
 
 
 def count(module: torch.nn.Module | None) -> int:
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     group.add_argument("--vocab", type=Path, help="vocab.json; its token count sets vocab_size")
     args = parser.parse_args(argv)
     cfg = ModelConfig.from_yaml(args.config)
-    vocab_size = len(_load_vocab(Path(args.vocab))) if args.vocab else args.vocab_size or cfg.vocab_size
+    vocab_size = len(load_vocab(Path(args.vocab))) if args.vocab else args.vocab_size or cfg.vocab_size
     if vocab_size is None:
         parser.error(f"{args.config} has vocab_size: null; pass --vocab-size or --vocab")
     cfg = cfg.replace(vocab_size=vocab_size)

@@ -1,15 +1,17 @@
-"""Random batches in the collate format (docs/ARCHITECTURE.md) for tests and benchmarks."""
+"""Random batches in the collate format (docs/ARCHITECTURE.md) for tests and benchmarks; token ids
+and sentinel values are the contract's (celljepa_dist/tokens.py), as in collated batches."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
 
+from celljepa_dist.tokens import CLS_ID, CLS_VALUE, MASK_VALUE, N_SPECIAL, PAD_ID, PAD_VALUE
+
 
 def random_batch(lengths: Sequence[int], vocab_size: int, mask_ratio: float = 0.15, n_bins: int = 51,
                  seed: int = 0, fully_masked: Sequence[int] = (), unmasked: Sequence[int] = (),
-                 cls_id: int = 1, pad_id: int = 0, mask_value: float = -1.0, pad_value: float = -2.0,
-                 n_special: int = 3, labels: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
+                 labels: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
     """`lengths` counts tokens per cell including `<cls>`. Cells listed in `fully_masked` have every
     gene masked, those in `unmasked` none (the 100% and 0% edge cases)."""
     gen = torch.Generator().manual_seed(seed)
@@ -19,13 +21,13 @@ def random_batch(lengths: Sequence[int], vocab_size: int, mask_ratio: float = 0.
     batch_size, max_len = len(lengths), int(lengths_t.max())
     padding_mask = torch.arange(max_len)[None, :] >= lengths_t[:, None]
     # Distinct genes per cell, as in real data.
-    gene_ids = torch.stack([torch.randperm(vocab_size - n_special, generator=gen)[:max_len] + n_special
+    gene_ids = torch.stack([torch.randperm(vocab_size - N_SPECIAL, generator=gen)[:max_len] + N_SPECIAL
                             for _ in range(batch_size)])
-    gene_ids[:, 0] = cls_id
-    gene_ids[padding_mask] = pad_id
+    gene_ids[:, 0] = CLS_ID
+    gene_ids[padding_mask] = PAD_ID
     target = torch.randint(1, n_bins, (batch_size, max_len), generator=gen).float()
-    target[:, 0] = 0.0
-    target[padding_mask] = pad_value
+    target[:, 0] = CLS_VALUE
+    target[padding_mask] = PAD_VALUE
     genes = ~padding_mask
     genes[:, 0] = False
     value_mask = (torch.rand(batch_size, max_len, generator=gen) < mask_ratio) & genes
@@ -33,7 +35,7 @@ def random_batch(lengths: Sequence[int], vocab_size: int, mask_ratio: float = 0.
         value_mask[i] = genes[i]
     for i in unmasked:
         value_mask[i] = False
-    values = target.masked_fill(value_mask, mask_value)
+    values = target.masked_fill(value_mask, MASK_VALUE)
     batch = {
         "gene_ids": gene_ids,
         "values": values,

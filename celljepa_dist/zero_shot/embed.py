@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from celljepa_dist.data import collate
 from celljepa_dist.data.binning import BINNING_RULE
 from celljepa_dist.data.vocab import GeneVocab
 
@@ -92,14 +91,6 @@ class EmbeddingModel:
     model_dir: Path
 
 
-def _check_tokens_match_collate(cfg, where: str) -> None:
-    """Batches come from collate.py, whose special ids and pad value are constants."""
-    expected = {"pad_id": collate.PAD_ID, "cls_id": collate.CLS_ID, "pad_value": collate.PAD_VALUE}
-    wrong = {k: getattr(cfg, k) for k, v in expected.items() if getattr(cfg, k) != v}
-    if wrong:
-        raise ValueError(f"{where}: model config {wrong} differs from the batch layout {expected}")
-
-
 def load_model_vocab(model_dir: Path, meta: dict, vocab_size: int) -> GeneVocab:
     """vocab.json beside the weights, checked against config.json's vocab_sha256."""
     from celljepa_dist.model.pretrained import CONFIG_FILE, VOCAB_FILE
@@ -149,7 +140,6 @@ def load_embedding_model(model_dir, encoder: Optional[str] = None, device: str =
     meta = load_meta(model_dir)
     cfg = load_config(model_dir)
     where = str(model_dir)
-    _check_tokens_match_collate(cfg, where)
     vocab = load_model_vocab(model_dir, meta, cfg.require_vocab_size())
     n_bins, max_genes = training_tokenisation(meta, cfg.n_bins, where)
     which = choose_encoder(encoder, bool(meta.get("has_teacher")), where)
