@@ -1,8 +1,12 @@
-"""Values resolved once: data.seed from seed (load), vocab size / GEPC head / n_bins (resolve_for_run)."""
+"""Values resolved once: data.seed from seed (load), vocab size / GEPC head / n_bins (resolve_for_run),
+and the 1-rank MASTER_PORT from launching.free_port."""
 from __future__ import annotations
 
 import copy
 import itertools
+import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -90,3 +94,23 @@ def test_changing_seed_changes_the_data_order(tiny_shards):
     assert seed1 == order(direct)
     assert order(load_config(None, [*base, "seed=1", "data.seed=0"]).data) == seed0  # explicit data.seed wins
 
+
+# --- MASTER_PORT of a plain 1-rank run ------------------------------------------------------------
+
+def test_one_rank_run_takes_a_free_port(monkeypatch):
+    import celljepa_dist.train.engine as engine
+
+    calls = []
+    fake_ds = types.SimpleNamespace(init_distributed=lambda dist_backend: calls.append(dist_backend))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake_ds)
+    monkeypatch.setattr(engine, "free_port", lambda: 45678)
+    monkeypatch.setattr(engine, "unlink_shm_allreduce_buffer", lambda rank: None)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config(None, ["data.shards_dir=s", "deepspeed.backend=gloo", "deepspeed.threads_per_rank=0"])
+    info = engine.init_distributed(cfg)
+    assert (info.rank, info.world_size, calls) == (0, 1, ["gloo"])
+    assert os.environ["MASTER_PORT"] == "45678"
+    monkeypatch.setenv("MASTER_PORT", "31234")  # a launcher's port is kept
+    engine.init_distributed(cfg)
+    assert os.environ["MASTER_PORT"] == "31234"
