@@ -125,13 +125,14 @@ class HealthThresholds:
     min_dim_std_ratio: float = 0.3  # dim_std * sqrt(d)
     max_top3_var: float = 0.9
 
-    def validate(self) -> None:
+    def validate(self, where: str = "tracking.health_thresholds") -> None:
+        """Raises ValueError naming `where.field`; pure (the dataclass is frozen)."""
         checks = {"min_rankme_fraction": (0.0, 1.0), "max_mean_cos": (-1.0, 1.0),
                   "min_dim_std_ratio": (0.0, 1.0), "max_top3_var": (0.0, 1.0)}
         for name, (lo, hi) in checks.items():
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and lo <= value <= hi):
-                raise ValueError(f"tracking.health_thresholds.{name} must be in [{lo}, {hi}], got {value!r}")
+                raise ValueError(f"{where}.{name} must be in [{lo}, {hi}], got {value!r}")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -137,3 +137,149 @@ def test_defaults_need_only_the_shards_dir():
     with pytest.raises(ConfigError, match="shards_dir"):
         load_config(None)
     assert isinstance(load_config(None, ["data.shards_dir=x"]), TrainConfig)
+
+
+# --- one mechanism: typed_config, Literal enums, dotted-key errors, pure validation ----------------
+
+ENUM_KEYS = {  # every enumeration of the run config, as a Literal type
+    "objective", "nonfinite_policy", "model.norm_style", "model.attention_backend", "model.flash_kernel",
+    "model.value_encoder", "loss.objective", "loss.ecs_style", "ema.schedule", "data.on_error",
+    "deepspeed.precision", "deepspeed.backend",
+}
+
+
+def _leaf_fields(cls, prefix=""):
+    """dotted key -> type of every non-section field, walked with dataclasses (not typed_config)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_leaf_fields(hints[f.name], key + "."))
+        else:
+            out[key] = hints[f.name]
+    return out
+
+
+def test_enums_are_literal_types_and_reject_other_values_by_dotted_key():
+    import typing
+
+    literal = {k for k, tp in _leaf_fields(TrainConfig).items() if typing.get_origin(tp) is typing.Literal}
+    assert literal == ENUM_KEYS
+    for key in sorted(ENUM_KEYS - {"loss.objective"}):  # loss.objective follows objective
+        with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: 'bogus' is not one of"):
+            load_config(None, ["data.shards_dir=s", f"{key}=bogus"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_heads=5", "model.n_heads=5"), ("model.norm_style=pre", None), ("data.batch_size=0", "data.batch_size=0"),
+    ("data.mask_ratio=1.5", "data.mask_ratio=1.5"), ("ema.base=1.5", "ema.base=1.5"),
+    ("loss.w_jepa=-1", "loss.w_jepa=-1.0"), ("optim.lr=0", "optim.lr=0.0"),
+    ("tracking.health_thresholds.max_mean_cos=2", "tracking.health_thresholds.max_mean_cos"),
+    ("tracking.probe_cells=1", "tracking.probe_cells=1"),
+    ("deepspeed.threads_per_rank=-1", "deepspeed.threads_per_rank=-1"),
+])
+def test_section_validation_names_the_dotted_key_under_the_run_config(override, key):
+    if key is None:
+        load_config(None, ["data.shards_dir=s", override])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.shards_dir=s", override])
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_sections_validated_alone_keep_their_class_names():
+    from celljepa_dist.data.stream import LoaderConfig
+    from celljepa_dist.model.config import LossConfig, ModelConfig
+    from celljepa_dist.model.ema import EMAConfig
+
+    for bad, name in [(ModelConfig(norm_style="sandwich"), "ModelConfig.norm_style='sandwich'"),
+                      (LossConfig(ecs_style="x"), "LossConfig.ecs_style='x'"),
+                      (EMAConfig(schedule="exp"), "EMAConfig.schedule='exp'"),
+                      (LoaderConfig(shards_dir="s", on_error="ignore"), "LoaderConfig.on_error='ignore'")]:
+        with pytest.raises(ConfigError, match=name.replace(".", "[.]")):
+            bad.validate()
+
+
+def _snapshot(cfg):
+    import copy
+
+    return copy.deepcopy(cfg)
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["objective=scgpt"], ["objective=scgpt", "loss.w_mvc=0"], ["seed=7", "data.seed=3"],
+    ["model.vocab_size=100", "deepspeed.zero_stage=3", "nonfinite_policy=skip"],
+])
+def test_validation_is_pure(overrides):
+    cfg = load_config(None, ["data.shards_dir=s", *overrides])
+    before = _snapshot(cfg)
+    assert cfg.validate() is cfg and cfg == before
+    for section in (cfg.model, cfg.data, cfg.loss, cfg.ema, cfg.optim, cfg.deepspeed, cfg.checkpoint, cfg.tracking):
+        section.validate()
+    assert cfg == before
+
+
+def test_a_loss_objective_that_does_not_follow_is_an_error_not_a_silent_fix():
+    from celljepa_dist.data.stream import LoaderConfig
+
+    cfg = TrainConfig(objective="scgpt", data=LoaderConfig(shards_dir="s"))  # loss section left at celljepa
+    with pytest.raises(ConfigError, match=r"loss\.objective='celljepa': must equal objective='scgpt'"):
+        cfg.validate()
+    assert cfg.loss.objective == "celljepa"  # validation did not change it
+
+
+def test_derived_defaults_come_from_the_raw_mapping_without_changing_it():
+    from celljepa_dist.config import derive_defaults
+
+    raw = {"objective": "scgpt", "seed": "5", "data": {"shards_dir": "s"}}
+    out = derive_defaults(raw)
+    assert raw == {"objective": "scgpt", "seed": "5", "data": {"shards_dir": "s"}}
+    assert out["loss"] == {"objective": "scgpt"} and out["data"] == {"shards_dir": "s", "seed": "5"}
+    assert derive_defaults({"data": {"seed": 2}, "seed": 9})["data"]["seed"] == 2  # explicit data.seed wins
+    assert derive_defaults({})["data"]["seed"] == TrainConfig.seed
+
+
+def test_model_config_from_dict_is_the_same_coercing_mapper():
+    from celljepa_dist.model.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({"d_model": 64.0, "n_heads": 4, "dropout": 0}, where="m.json")
+    assert cfg.d_model == 64 and type(cfg.d_model) is int and type(cfg.dropout) is float
+    with pytest.raises(ConfigError, match=r"m\.json: norm_style: 'sandwich' is not one of"):
+        ModelConfig.from_dict({"norm_style": "sandwich"}, where="m.json")
+    with pytest.raises(ConfigError, match=r"m\.json: ModelConfig\.n_heads=5: must divide"):
+        ModelConfig.from_dict({"n_heads": 5}, where="m.json")
+
+
+def test_the_mapper_and_the_model_config_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys\n"
+            "import celljepa_dist.typed_config\n"
+            f"spec = importlib.util.spec_from_file_location('mc', {str(REPO / 'celljepa_dist/model/config.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); sys.modules['mc'] = m; spec.loader.exec_module(m)\n"
+            "m.ModelConfig.from_dict({'d_model': 64, 'n_heads': 4}).validate()\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO)})
+
+
+def test_flatten_names_every_leaf_by_its_dotted_key():
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml")
+    flat = flatten(cfg)
+    leaves = _leaf_fields(TrainConfig)
+    expected = {k for k in leaves if k != "deepspeed.extra"}  # an empty mapping adds no param
+    assert set(flat) == expected
+    assert flat["data.seed"] == cfg.seed == 0 and flat["loss.objective"] == "celljepa"
+
+
+def test_set_errors_name_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"--set model\.d_modle: unknown key 'd_modle' under model"):
+        load_config(None, ["data.shards_dir=s", "model.d_modle=3"])
+    with pytest.raises(ConfigError, match=r"model\.d_model: expected an integer, got '6x'"):
+        load_config(None, ["data.shards_dir=s", "model.d_model=6x"])
+    with pytest.raises(ConfigError, match=r"tracking\.health_thresholds\.max_mean_cos: expected a number"):
+        load_config(None, ["data.shards_dir=s", "tracking.health_thresholds.max_mean_cos=high"])

@@ -28,10 +28,13 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from celljepa_dist.typed_config import check_choices, invalid
 
 from . import order as O
 from .collate import check_mask_ratio, collate_cells_packed, gather_cells, hashable_layout
@@ -48,6 +51,8 @@ class LoaderConfig:
     batch_size: int = 32  # per rank
     max_genes: int = 600  # paper 2.1 L_max; <cls> comes on top
     mask_ratio: float = 0.15  # 0.15 pre-training, 0.4 finetuning, 0 teacher/eval
+    # Order and masking seed. In a TrainConfig, `data.seed` defaults to the top-level `seed`
+    # (config.load_config), so `--set seed=1` changes the data order too.
     seed: int = 0
     num_workers: int = 2
     pin_memory: bool = True  # only takes effect when CUDA is available
@@ -56,29 +61,27 @@ class LoaderConfig:
     # Consecutive batches per worker turn. Workers share decoded shards (shard_cache.py), so 1 is
     # best; larger values make the main process buffer up to (num_workers - 1) * chunk batches.
     worker_chunk_batches: int = 1
-    on_error: str = "raise"  # or "skip"
+    on_error: Literal["raise", "skip"] = "raise"
     max_skip_fraction: float = 0.01  # of the rank's cells, under on_error="skip"
     verify_checksums: bool = True  # sha256 of each shard against the manifest
     vocab_path: str | None = None  # when set, the manifest's vocab hash must match this vocab
 
-    def validate(self) -> None:
+    def validate(self, where: str = "LoaderConfig") -> None:
+        """Raises ConfigError naming `where.field`; pure (never changes the config)."""
         if not self.shards_dir:
-            raise ValueError("LoaderConfig.shards_dir must be set")
-        for name in ("batch_size", "max_genes", "prefetch_factor"):
+            raise invalid(where, "shards_dir", self.shards_dir, "must be set")
+        for name in ("batch_size", "max_genes", "prefetch_factor", "worker_chunk_batches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"LoaderConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.worker_chunk_batches < 1:
-            raise ValueError(f"LoaderConfig.worker_chunk_batches must be >= 1, got {self.worker_chunk_batches}")
+                raise invalid(where, name, getattr(self, name), "must be >= 1")
         if self.num_workers < 0:
-            raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
+            raise invalid(where, "num_workers", self.num_workers, "must be >= 0")
         try:
             check_mask_ratio(self.mask_ratio)
-        except ValueError as e:
-            raise ValueError(f"LoaderConfig.{e}") from None
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"LoaderConfig.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        except ValueError:
+            raise invalid(where, "mask_ratio", self.mask_ratio, "must be in [0, 1]") from None
+        check_choices(self, where)
         if not 0.0 <= self.max_skip_fraction <= 1.0:
-            raise ValueError(f"LoaderConfig.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+            raise invalid(where, "max_skip_fraction", self.max_skip_fraction, "must be in [0, 1]")
 
 
 # --- the per-rank dataset -------------------------------------------------------------------------

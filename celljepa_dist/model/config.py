@@ -5,29 +5,33 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 from celljepa_dist.tokens import N_SPECIAL
+from celljepa_dist.typed_config import ConfigError, check_choices, from_dict, invalid
 
-ATTENTION_BACKENDS = ("reference", "sdpa", "flex", "flash")
-FLASH_KERNELS = ("auto", "flash_attn", "torch")
-NORM_STYLES = ("post", "pre")
-VALUE_ENCODERS = ("continuous", "category")
-OBJECTIVES = ("celljepa", "scgpt")
-ECS_STYLES = ("supcon", "scgpt")
+AttentionBackend = Literal["reference", "sdpa", "flex", "flash"]
+FlashKernel = Literal["auto", "flash_attn", "torch"]
+NormStyle = Literal["post", "pre"]
+ValueEncoder = Literal["continuous", "category"]
+Objective = Literal["celljepa", "scgpt"]
+EcsStyle = Literal["supcon", "scgpt"]
+
+ATTENTION_BACKENDS = get_args(AttentionBackend)
+FLASH_KERNELS = get_args(FlashKernel)
+NORM_STYLES = get_args(NormStyle)
+VALUE_ENCODERS = get_args(ValueEncoder)
+OBJECTIVES = get_args(Objective)
+ECS_STYLES = get_args(EcsStyle)
 
 
 def _from_dict(cls, data: dict[str, Any], where: str):
-    """Builds a dataclass from a mapping, rejecting unknown keys with the list of valid ones."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
-    cfg = cls(**data)
-    cfg.validate()
-    return cfg
+    """Builds and validates a dataclass from a mapping (the project's one mapper, typed_config);
+    errors start with `where` (a file, or a dotted path) and name the key."""
+    try:
+        return from_dict(cls, data).validate()
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def _load_yaml(path: str | Path) -> dict[str, Any]:
@@ -48,11 +52,11 @@ class ModelConfig:
     n_heads: int = 8
     d_hid: int = 512  # FFN width; scGPT and the paper use d_hid == d_model
     dropout: float = 0.2
-    norm_style: str = "post"  # scGPT uses post-norm (nn.TransformerEncoderLayer default)
+    norm_style: NormStyle = "post"  # scGPT uses post-norm (nn.TransformerEncoderLayer default)
     layer_norm_eps: float = 1e-5
-    attention_backend: str = "sdpa"
-    flash_kernel: str = "auto"  # varlen kernel of the flash backend: flash_attn on CUDA, torch = pure PyTorch
-    value_encoder: str = "continuous"
+    attention_backend: AttentionBackend = "sdpa"
+    flash_kernel: FlashKernel = "auto"  # varlen kernel of the flash backend: flash_attn on CUDA, torch = pure PyTorch
+    value_encoder: ValueEncoder = "continuous"
     n_bins: int = 51
     max_value: float = 512.0  # scGPT clamps continuous input values to this
     # Special token ids and the mask/pad values are not settable: celljepa_dist/tokens.py owns them.
@@ -63,10 +67,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def validate(self) -> "ModelConfig":
+    def validate(self, where: str = "ModelConfig") -> "ModelConfig":
+        """Raises ConfigError naming `where.field`; pure (never changes the config). Returns self."""
         def bad(field: str, why: str):
-            raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+            raise invalid(where, field, getattr(self, field), why)
 
+        check_choices(self, where)
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < N_SPECIAL):
             bad("vocab_size", f"must be an int >= {N_SPECIAL} (the special tokens) or null to take it from the vocab")
         for name in ("d_model", "n_layers", "n_heads", "d_hid", "n_bins"):
@@ -76,16 +82,8 @@ class ModelConfig:
             bad("n_heads", f"must divide d_model={self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", "must be in [0, 1)")
-        if self.norm_style not in NORM_STYLES:
-            bad("norm_style", f"must be one of {NORM_STYLES}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            bad("attention_backend", f"must be one of {ATTENTION_BACKENDS}")
-        if self.flash_kernel not in FLASH_KERNELS:
-            bad("flash_kernel", f"must be one of {FLASH_KERNELS}")
         if self.attention_backend == "flash" and self.head_dim % 8:
             bad("n_heads", f"flash-attn needs a head dim multiple of 8, got {self.head_dim}")
-        if self.value_encoder not in VALUE_ENCODERS:
-            bad("value_encoder", f"must be one of {VALUE_ENCODERS}")
         if self.n_bins < 2:
             bad("n_bins", "must be >= 2")
         if self.predictor_hidden < 0:
@@ -125,7 +123,7 @@ DEFAULT_GEPC_WEIGHT = {"celljepa": 0.0, "scgpt": 1.0}
 class LossConfig:
     """Weights of the objective. Pre-training (paper E.1): rec 1, JEPA 1000; scgpt = GEP + GEPC."""
 
-    objective: str = "celljepa"
+    objective: Objective = "celljepa"
     w_rec: float = 1.0
     w_jepa: float = 1000.0
     w_mvc: Optional[float] = None  # GEPC; None: the objective's choice (DEFAULT_GEPC_WEIGHT)
@@ -135,23 +133,21 @@ class LossConfig:
     w_var: float = 0.0
     w_cov: float = 0.0
     var_target: float = 1.0  # VICReg's gamma: the per-dimension std the variance term asks for
-    ecs_style: str = "supcon"  # supcon = Cell-JEPA (paper 2.4.2), scgpt = thresholded (paper C.5)
+    ecs_style: EcsStyle = "supcon"  # supcon = Cell-JEPA (paper 2.4.2), scgpt = thresholded (paper C.5)
     ecs_temperature: float = 0.07
     ecs_threshold: float = 0.3
 
-    def validate(self) -> "LossConfig":
+    def validate(self, where: str = "LossConfig") -> "LossConfig":
+        """Raises ConfigError naming `where.field`; pure (never changes the config). Returns self."""
         def bad(field: str, why: str):
-            raise ValueError(f"LossConfig.{field}={getattr(self, field)!r}: {why}")
+            raise invalid(where, field, getattr(self, field), why)
 
-        if self.objective not in OBJECTIVES:
-            bad("objective", f"must be one of {OBJECTIVES}")
+        check_choices(self, where)
         for name in ("w_rec", "w_jepa", "w_mvc", "w_ecs", "w_var", "w_cov"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.var_target <= 0:
             bad("var_target", "must be > 0")
-        if self.ecs_style not in ECS_STYLES:
-            bad("ecs_style", f"must be one of {ECS_STYLES}")
         if self.ecs_temperature <= 0:
             bad("ecs_temperature", "must be > 0")
         if not -1.0 <= self.ecs_threshold <= 1.0:

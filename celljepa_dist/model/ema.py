@@ -8,27 +8,30 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import torch
 
+from celljepa_dist.typed_config import check_choices, invalid
+
 from .encoder import CellEncoder
 
-SCHEDULES = ("constant", "linear", "cosine")
+Schedule = Literal["constant", "linear", "cosine"]
+SCHEDULES = get_args(Schedule)
 
 
 @dataclass
 class EMAConfig:
-    schedule: str = "linear"  # I-JEPA: linear from base to final over the whole run
+    schedule: Schedule = "linear"  # I-JEPA: linear from base to final over the whole run
     base: float = 0.996
     final: float = 1.0
 
-    def validate(self) -> "EMAConfig":
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"EMAConfig.schedule={self.schedule!r}: must be one of {SCHEDULES}")
+    def validate(self, where: str = "EMAConfig") -> "EMAConfig":
+        """Raises ConfigError naming `where.field`; pure (never changes the config). Returns self."""
+        check_choices(self, where)
         for name in ("base", "final"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"EMAConfig.{name}={getattr(self, name)!r}: must be in [0, 1]")
+                raise invalid(where, name, getattr(self, name), "must be in [0, 1]")
         return self
 
     def to_dict(self):

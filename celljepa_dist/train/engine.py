@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from celljepa_dist.config import TrainConfig
+from celljepa_dist.launching import free_port
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:  # a port free now, not a guess that may be taken
+        os.environ["MASTER_PORT"] = str(free_port())
     deepspeed.init_distributed(dist_backend=backend)
     info = DistInfo(
         rank=int(os.environ["RANK"]),
