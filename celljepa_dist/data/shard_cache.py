@@ -1,4 +1,6 @@
-"""Decoded shards shared by one rank's DataLoader workers through memory-backed files.
+"""Decoded shards ready before they are needed: ReadAhead (one background read per shard, for a
+lone reader) and SharedShardCache (shared by one rank's DataLoader workers through memory-backed
+files, read ahead with the same ReadAhead).
 
 Every worker builds batches from the same shards (a shard holds hundreds of batches and the
 workers take turns), so without sharing each shard would be read, checked and decoded once per
@@ -69,12 +71,61 @@ def make_cache_dir(min_free_bytes: int = 2 << 30) -> Path:
     return path
 
 
+class ReadAhead:
+    """Loads shards in background threads (file reading, sha256 and numpy copies release the GIL,
+    so this overlaps with building batches). start(i) begins loading shard i unless already begun;
+    get(i) returns it, loading it here when it was not started, and raises what the load raised,
+    as a direct load would; discard(i) waits for shard i and drops it."""
+
+    def __init__(self, load: Callable[[int], object]):
+        self.load = load
+        self._jobs: dict[int, tuple[threading.Thread, list]] = {}
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._jobs
+
+    def start(self, index: int) -> None:
+        if index in self._jobs:
+            return
+        box: list = []
+
+        def work():
+            try:
+                box.append((True, self.load(index)))
+            except BaseException as e:  # handed to get()
+                box.append((False, e))
+
+        thread = threading.Thread(target=work, name=f"shard-read-ahead-{index}", daemon=True)
+        self._jobs[index] = (thread, box)
+        thread.start()
+
+    def get(self, index: int):
+        job = self._jobs.pop(index, None)
+        if job is None:
+            return self.load(index)
+        job[0].join()
+        ok, value = job[1][0]
+        if not ok:
+            raise value.with_traceback(None)
+        return value
+
+    def discard(self, index: int) -> None:
+        job = self._jobs.pop(index, None)
+        if job is not None:
+            job[0].join()
+
+    def join(self) -> None:
+        for thread, _ in self._jobs.values():
+            thread.join()
+        self._jobs.clear()
+
+
 class SharedShardCache:
     """get(index) -> decoded shard, decoding it here or waiting for the worker that does."""
 
     def __init__(self, root: Path, load: Callable[[int], object], make: Callable[..., object], error: type):
         self.root, self.load, self.make, self.error = Path(root), load, make, error
-        self._threads: dict[int, threading.Thread] = {}
+        self._ahead = ReadAhead(self._prefetched)
 
     def _path(self, index: int, suffix: str) -> Path:
         return self.root / f"{index:06d}.{suffix}"
@@ -128,30 +179,23 @@ class SharedShardCache:
                 raise TimeoutError(f"waited {WAIT_TIMEOUT_S:.0f}s for another loader worker to decode shard #{index}")
             time.sleep(0.002)
 
+    def _prefetched(self, index: int) -> None:
+        try:
+            self._decode_and_publish(index)
+        except BaseException:
+            pass  # the .bad file (or a freed lock) tells whoever needs the shard
+
     def prefetch(self, index: int) -> None:
         """Decode `index` in a background thread unless some worker already has it or is on it."""
-        if index in self._threads or self._path(index, "ready").exists() or not self._try_lock(index):
+        if index in self._ahead or self._path(index, "ready").exists() or not self._try_lock(index):
             return
-
-        def work():
-            try:
-                self._decode_and_publish(index)
-            except BaseException:
-                pass  # the .bad file (or a freed lock) tells whoever needs the shard
-
-        thread = threading.Thread(target=work, name=f"shard-prefetch-{index}", daemon=True)
-        self._threads[index] = thread
-        thread.start()
+        self._ahead.start(index)
 
     def release(self, index: int) -> None:
         """Delete a shard's files (mapped copies stay valid until unmapped)."""
-        thread = self._threads.pop(index, None)
-        if thread is not None:
-            thread.join()
+        self._ahead.discard(index)
         for path in self.root.glob(f"{index:06d}.*"):
             path.unlink(missing_ok=True)
 
     def join(self) -> None:
-        for thread in self._threads.values():
-            thread.join()
-        self._threads.clear()
+        self._ahead.join()

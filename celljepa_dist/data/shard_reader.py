@@ -1,14 +1,29 @@
-"""Reading one shard for the loader: through webdataset's tar iterators, checked against the
-manifest (sha256, cell count), keeping only what batches need (no raw counts).
+"""The one reader of the shard format (`shards.py` writes it and decodes one block).
+
+    read_shard_cells(path, sha256, cells) -> ShardCells   the loader's part, checked against the manifest
+    read_shard(path) -> CellBlock, iter_shard_blocks(path)  whole blocks (shards.py delegates here)
+
+A shard is read in one call. Its members are listed as webdataset's tar iterators list them (same
+filters, then webdataset's group_by_keys) by one of two listers:
+
+    IN_MEMORY   tarfile in random-access mode over the bytes already read, each member's data a
+                memoryview into them: no 10 KiB-at-a-time copies (the fast path);
+    WEBDATASET  webdataset's own tar_file_expander over the bytes (the reference).
+
+`list_samples` takes IN_MEMORY, and WEBDATASET only where IN_MEMORY does not mirror the tar
+exactly (compression, sparse or continued members, data past the end, ...): WEBDATASET's
+verdict is then the one given, and when it reads the tar a warning names the shard and why the
+fast path was not taken (never silently). Every block is decoded by `shards.decode_block`.
+Every fault is a `ShardError` (a ValueError) naming the shard (and block and member).
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 import tarfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,17 +31,18 @@ import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.tariterators import meta_prefix as _META_PREFIX, meta_suffix as _META_SUFFIX
 
-_NEEDED = ("offsets.npy", "genes.npy", "bins.npy", "joinids.npy", "meta.json")  # counts are not read
-_DTYPES = {"offsets.npy": np.int64, "genes.npy": np.int32, "bins.npy": np.uint8, "joinids.npy": np.int64}
+from .shards import CellBlock, ShardError, decode_block, join_offsets
 
+__all__ = ["IN_MEMORY", "WEBDATASET", "ShardCells", "ShardError", "iter_shard_blocks", "list_samples",
+           "read_shard", "read_shard_cells"]
 
-class ShardError(ValueError):
-    """A shard could not be read; the message names the file."""
+IN_MEMORY, WEBDATASET = "in-memory", "webdataset"
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skip_meta
 
 
 @dataclass
 class ShardCells:
-    """The parts of a shard the loader needs (no raw counts)."""
+    """The parts of a shard the loader needs (no raw counts; labels -1 where unknown)."""
 
     offsets: np.ndarray
     genes: np.ndarray
@@ -35,81 +51,145 @@ class ShardCells:
     labels: np.ndarray
 
 
-def _npy_view(data: bytes | memoryview) -> np.ndarray:
-    """A read-only array over the bytes of a .npy member (np.load would copy them once more)."""
-    head = bytes(data[:12])  # magic (6), version (2), header length (2 in v1, 4 in v2+)
-    hlen = 2 + int.from_bytes(head[8:10], "little") if head[6:7] == b"\x01" else 4 + int.from_bytes(head[8:12], "little")
-    f = io.BytesIO(bytes(data[: 8 + hlen]))  # just the header: the data is viewed, not copied
-    major, _ = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(f)
-    if fortran or dtype.hasobject:
-        raise ValueError("not a plain C-order numeric array")
-    count = int(np.prod(shape))
-    if len(data) - f.tell() != count * dtype.itemsize:
-        raise ValueError(f"{len(data) - f.tell()} data bytes for {count} items of {dtype}")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
+# --- listing members ------------------------------------------------------------------------------
+
+def _members_in_memory(data: bytes, url: str):
+    """What webdataset's tar_file_expander yields for this tar (same filters, same end marker),
+    with each member's data a memoryview into `data` instead of a copy.
+
+    The headers are parsed by tarfile in random-access mode, which seeks over the data. Raises on
+    anything this does not mirror exactly, so that the caller can use webdataset's reading.
+    """
+    view = memoryview(data)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            fname = info.name
+            if not info.isreg() or fname is None:
+                continue
+            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None:
+                raise ValueError(f"member {fname!r} of type {info.type!r} not mirrored")
+            if "/" not in fname and fname.startswith(_META_PREFIX) and fname.endswith(_META_SUFFIX):
+                continue
+            if _SKIP_META.match(fname):
+                continue
+            if info.offset_data + info.size > len(data):
+                raise ValueError(f"member {fname!r} data past the end")
+            yield {"fname": fname, "data": view[info.offset_data: info.offset_data + info.size], "__url__": url}
+    yield {}  # tar_file_expander's end-of-shard marker
 
 
-def _decode(sample: dict, where: str) -> tuple:
-    key = sample.get("__key__")
-    missing = [m for m in _NEEDED if m not in sample]
-    if missing:
-        raise ShardError(f"{where}: block {key} lacks members {missing}")
-    arrays = []
-    for member, dtype in _DTYPES.items():
+def _members_webdataset(data: bytes, url: str):
+    return tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+
+
+def _tar_error(e: Exception, where: str) -> ShardError:
+    detail = str(e.args[0] if e.args else e).split(" @ <")[0]  # drop webdataset's stream repr
+    return ShardError(f"{where}: unreadable or truncated tar ({type(e).__name__}: {detail})")
+
+
+def list_samples(data: bytes, url: str, lister: str | None = None) -> tuple[list[dict], str]:
+    """The tar's webdataset samples (group_by_keys over its members) and the lister that gave them.
+
+    `lister=None`: IN_MEMORY, or WEBDATASET where IN_MEMORY fails (a warning says so when
+    WEBDATASET then reads the tar). Naming a lister uses only that one; IN_MEMORY then raises its
+    own exception as is. WEBDATASET's errors are ShardErrors naming `url`.
+    """
+    where = f"shard {url}"
+    if lister in (None, IN_MEMORY):
         try:
-            arr = _npy_view(sample[member])
+            return list(group_by_keys(_members_in_memory(data, url))), IN_MEMORY
         except Exception as e:
-            raise ShardError(f"{where}: block {key} member {member} does not decode ({e})") from None
-        if arr.dtype != dtype or arr.ndim != 1:
-            raise ShardError(f"{where}: block {key} member {member} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
-        arrays.append(arr)
-    offsets, genes, bins, joinids = arrays
-    if len(offsets) != len(joinids) + 1 or offsets[0] != 0 or offsets[-1] != len(genes) or len(genes) != len(bins):
-        raise ShardError(f"{where}: block {key} offsets disagree with its gene arrays")
+            if lister == IN_MEMORY:
+                raise
+            reason = f"{type(e).__name__}: {e}"
+    elif lister != WEBDATASET:
+        raise ValueError(f"lister must be {IN_MEMORY!r}, {WEBDATASET!r} or None, got {lister!r}")
     try:
-        meta = json.loads(bytes(sample["meta.json"]))
-    except Exception as e:
-        raise ShardError(f"{where}: block {key} meta.json does not decode ({e})") from None
-    label = meta.get("label")
-    labels = np.full(len(joinids), -1, np.int64) if label is None else np.array(
-        [-1 if x is None else int(x) for x in label], dtype=np.int64)
-    if len(labels) != len(joinids):
-        raise ShardError(f"{where}: block {key} has {len(labels)} labels for {len(joinids)} cells")
-    return offsets, genes, bins, joinids, labels
+        samples = list(group_by_keys(_members_webdataset(data, url)))
+    except Exception as e:  # tarfile and EOF errors; webdataset re-raises them with extra args
+        raise _tar_error(e, where) from None
+    if lister is None:
+        warnings.warn(f"{where}: read with webdataset's tar iterators, the in-memory path does not "
+                      f"mirror this tar ({reason})", RuntimeWarning, stacklevel=3)
+    return samples, WEBDATASET
+
+
+def decode_samples(samples: list[dict], url: str) -> list[tuple[str, CellBlock]]:
+    return [(s["__key__"], decode_block(s, f"shard {url} block {s['__key__']}")) for s in samples]
+
+
+# --- whole blocks ---------------------------------------------------------------------------------
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ShardError(f"shard {path}: cannot be read ({e})") from None
+
+
+def iter_shard_blocks(path: str | Path):
+    """Yield (key, CellBlock) for each block of a shard, in file order (arrays read-only)."""
+    path = Path(path)
+    samples, _ = list_samples(_read_bytes(path), str(path))
+    yield from decode_samples(samples, str(path))
+
+
+def read_shard(path: str | Path) -> CellBlock:
+    """The whole shard as one CellBlock (offsets rebased, arrays copies)."""
+    return CellBlock.concat([b for _, b in iter_shard_blocks(path)])
+
+
+# --- the loader's part ----------------------------------------------------------------------------
+
+def block_labels(block: CellBlock, where: str) -> np.ndarray:
+    """meta["label"] as int64 (-1 for None or absent)."""
+    label = block.meta.get("label")
+    if label is None:
+        return np.full(len(block), -1, np.int64)
+    try:
+        return np.array([-1 if x is None else int(x) for x in label], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise ShardError(f"{where}: meta label is not an integer ({e})") from None
+
+
+def shard_cells(blocks: list[tuple[str, CellBlock]], url: str) -> ShardCells:
+    """The loader's arrays of decoded blocks, joined (raw counts dropped)."""
+    parts = [b for _, b in blocks]
+    labels = [block_labels(b, f"shard {url} block {k}") for k, b in blocks]
+    if not parts:
+        return ShardCells(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint8),
+                          np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return ShardCells(join_offsets([b.offsets for b in parts]), *(np.concatenate([getattr(b, f) for b in parts])
+                                                                 for f in ("genes", "bins", "joinids")),
+                      np.concatenate(labels))
 
 
 def read_shard_cells(path: str | Path, expected_sha256: str | None = None, expected_cells: int | None = None) -> ShardCells:
-    """Read one shard with webdataset's tar iterators; verify sha256 and cell count when given.
+    """Read one shard for the loader; verify sha256 and cell count when given.
 
-    The file is read in one call and hashed in one call (in a thread, while the tar is parsed):
-    tarfile's stream mode (what webdataset uses) reads 10 KiB at a time, and hashing those pieces
-    one by one costs ~4x more. Members are parsed in place (memoryviews into the file's bytes,
-    `_members_in_memory`) and fed to webdataset's group_by_keys; a tar that path does not mirror
-    exactly goes through webdataset's own tar iterators, which give the verdict.
+    The file is read in one call and hashed in one call, in a thread (hashlib releases the GIL)
+    while the tar is parsed: tarfile's stream mode reads 10 KiB at a time, and hashing those pieces
+    one by one costs ~4x more. A checksum mismatch is reported before any other fault.
     """
     path = Path(path)
     where = f"shard {path}"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ShardError(f"{where}: cannot be read ({e})") from None
+    data = _read_bytes(path)
     digest: list[str] = []
     hasher = None
-    if expected_sha256 is not None:  # hashed in a thread (hashlib releases the GIL) while the tar is parsed
+    if expected_sha256 is not None:
         hasher = threading.Thread(target=lambda d=data: digest.append(hashlib.sha256(d).hexdigest()),
                                   name="shard-sha256", daemon=True)
         hasher.start()
     cells = error = None
     try:
-        cells = _parse_cells(data, path, where)
+        samples, _ = list_samples(data, str(path))
+        cells = shard_cells(decode_samples(samples, str(path)), str(path))
     except ShardError as e:
         error = e
     finally:
         if hasher is not None:
             hasher.join()
-    if expected_sha256 is not None:  # a checksum mismatch is reported before any other fault
+    if expected_sha256 is not None:
         actual = digest[0] if digest else hashlib.sha256(data).hexdigest()  # (the thread failed)
         if actual != expected_sha256:
             raise ShardError(f"{where}: sha256 {actual[:12]}... differs from the manifest's "
@@ -120,60 +200,3 @@ def read_shard_cells(path: str | Path, expected_sha256: str | None = None, expec
     if expected_cells is not None and len(cells.joinids) != expected_cells:
         raise ShardError(f"{where}: holds {len(cells.joinids)} cells, the manifest says {expected_cells}")
     return cells
-
-
-def _parse_cells(data: bytes, path: Path, where: str) -> ShardCells:
-    try:
-        parts = [_decode(sample, where) for sample in group_by_keys(_members_in_memory(data, str(path)))]
-    except Exception:  # anything unusual: webdataset's own reading below, with its exact verdict
-        parts = None
-    if parts is None:
-        parts = _read_with_webdataset(data, path, where)
-    sizes = [int(p[0][-1]) for p in parts]
-    shifts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    offsets = np.concatenate([[0]] + [p[0][1:] + s for p, s in zip(parts, shifts)]).astype(np.int64)
-    return ShardCells(offsets, *(np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dt)
-                                 for i, dt in ((1, np.int32), (2, np.uint8), (3, np.int64), (4, np.int64))))
-
-
-def _members_in_memory(data: bytes, url: str):
-    """What webdataset's tar_file_expander yields for this tar (same filters, same end marker),
-    with each member's data a memoryview into `data` instead of a copy read 10 KiB at a time.
-
-    The headers are parsed by tarfile in random-access mode, which seeks over the data. Raises on
-    anything this does not mirror exactly (compression, sparse or continued members, data past
-    the end), so the caller falls back to webdataset's reading.
-    """
-    view = memoryview(data)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for info in tar:
-            fname = info.name
-            if not info.isreg() or fname is None:
-                continue
-            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None:
-                raise ValueError("member type not mirrored")
-            if "/" not in fname and fname.startswith(_META_PREFIX) and fname.endswith(_META_SUFFIX):
-                continue
-            if re.match(r"__[^/]*__($|/)", fname):  # webdataset's skip_meta
-                continue
-            if fname.endswith("counts.npy"):  # select_files
-                continue
-            if info.offset_data + info.size > len(data):
-                raise ValueError("member data past the end")
-            yield {"fname": fname, "data": view[info.offset_data : info.offset_data + info.size], "__url__": url}
-    yield {}  # tar_file_expander's end-of-shard marker
-
-
-def _read_with_webdataset(data: bytes, path: Path, where: str) -> list:
-    parts = []
-    try:
-        source = [{"url": str(path), "stream": io.BytesIO(data)}]
-        members = tar_file_expander(source, select_files=lambda name: not name.endswith("counts.npy"))
-        for sample in group_by_keys(members):
-            parts.append(_decode(sample, where))
-    except ShardError:
-        raise
-    except Exception as e:  # tarfile and EOF errors; webdataset re-raises them with extra args
-        detail = str(e.args[0] if e.args else e).split(" @ <")[0]  # drop webdataset's stream repr
-        raise ShardError(f"{where}: unreadable or truncated tar ({type(e).__name__}: {detail})") from None
-    return parts

@@ -7,6 +7,8 @@ cell scale). Sample key "{block:05d}"; members (docs/ARCHITECTURE.md, docs/data.
   joinids.npy int64 [n]     soma_joinid    | meta.json {"cell_type": [...], ...} (lists of length n)
 Tars are byte-reproducible (fixed mtime/uid/names, np.save headers) and written to a temp name,
 fsynced, then renamed, so a shard under its final name is always complete.
+Reading is `shard_reader.py` (read_shard and iter_shard_blocks here delegate to it); every
+reading fault is a ShardError naming the shard.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,6 +30,10 @@ SHARD_FORMAT = "celljepa-shards/1"
 MANIFEST_NAME = "manifest.json"
 ARRAY_FIELDS = {"offsets": np.int64, "genes": np.int32, "bins": np.uint8, "counts": np.float32, "joinids": np.int64}
 MEMBER_SUFFIXES = tuple(f"{k}.npy" for k in ARRAY_FIELDS) + ("meta.json",)
+
+
+class ShardError(ValueError):
+    """A shard could not be read or decoded; the message names the file (and block, member)."""
 
 
 def shard_name(index: int) -> str:
@@ -77,15 +83,16 @@ class CellBlock:
     def concat(blocks: list["CellBlock"]) -> "CellBlock":
         if not blocks:
             return empty_block()
-        return CellBlock(joined_offsets(blocks), *(np.concatenate([getattr(b, f) for b in blocks])
+        return CellBlock(join_offsets([b.offsets for b in blocks]), *(np.concatenate([getattr(b, f) for b in blocks])
                                                    for f in ("genes", "bins", "counts", "joinids")),
                          joined_meta(blocks, list(blocks[0].meta)))
 
 
-def joined_offsets(blocks: list[CellBlock]) -> np.ndarray:
-    """The CSR row pointer of the blocks' cells one after another."""
-    shifts = np.cumsum([0] + [int(b.offsets[-1]) for b in blocks[:-1]])
-    return np.concatenate([[0]] + [b.offsets[1:] + s for b, s in zip(blocks, shifts)]).astype(np.int64)
+def join_offsets(offsets: Sequence[np.ndarray]) -> np.ndarray:
+    """The int64 CSR row pointer of several CSR runs' rows one after another (each run's own row
+    pointer starts at 0). The one place the system joins row pointers."""
+    shifts = np.cumsum([0] + [int(o[-1]) for o in offsets[:-1]])
+    return np.concatenate([[0]] + [o[1:] + s for o, s in zip(offsets, shifts)]).astype(np.int64)
 
 
 def joined_meta(blocks: list[CellBlock], keys: Iterable[str]) -> dict[str, list]:
@@ -113,35 +120,63 @@ def encode_block(block: CellBlock) -> dict[str, bytes]:
     return members
 
 
+def npy_view(data: bytes | memoryview) -> np.ndarray:
+    """A read-only 1-D array over the bytes of a .npy member (np.load would copy them once more).
+    Raises ValueError unless they hold exactly one plain C-order 1-D numeric array."""
+    head = bytes(data[:12])  # magic (6), version (2), header length (2 in v1, 4 in v2+)
+    hlen = 2 + int.from_bytes(head[8:10], "little") if head[6:7] == b"\x01" else 4 + int.from_bytes(head[8:12], "little")
+    f = io.BytesIO(bytes(data[: 8 + hlen]))  # just the header: the data is viewed, not copied
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran or dtype.hasobject or len(shape) != 1:
+        raise ValueError("not a plain C-order 1-D numeric array")
+    count = int(np.prod(shape))
+    if len(data) - f.tell() != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - f.tell()} data bytes for {count} items of {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=f.tell())
+
+
 def decode_block(sample: Mapping[str, object], where: str = "sample") -> CellBlock:
-    """Inverse of encode_block. Accepts raw bytes or values webdataset already decoded; keys may
-    carry a leading dot (webdataset style, '.genes.npy') or not."""
+    """Inverse of encode_block; the one decoder of a block, for every reader. Accepts raw bytes
+    (viewed, not copied: the arrays are read-only) or values webdataset already decoded; keys may
+    carry a leading dot (webdataset style, '.genes.npy') or not; `__key__`-style entries are
+    ignored, any other member is an error. Raises ShardError naming `where` and the member."""
+    norm = {str(k).lstrip("."): v for k, v in sample.items() if not str(k).startswith("__")}
+    unexpected = sorted(set(norm) - set(MEMBER_SUFFIXES))
+    if unexpected:
+        raise ShardError(f"{where}: unexpected members {unexpected}")
     fields = {}
-    norm = {str(k).lstrip("."): v for k, v in sample.items()}
     for name, dt in ARRAY_FIELDS.items():
         key = f"{name}.npy"
         if key not in norm:
-            raise ValueError(f"{where}: member {key} missing")
+            raise ShardError(f"{where}: member {key} missing")
         value = norm[key]
-        if isinstance(value, (bytes, bytearray)):
+        if isinstance(value, (bytes, bytearray, memoryview)):
             try:
-                value = np.load(io.BytesIO(value), allow_pickle=False)
+                value = npy_view(value)
             except Exception as e:
-                raise ValueError(f"{where}: member {key} is not a valid .npy ({e})") from None
+                raise ShardError(f"{where}: member {key} is not a valid .npy ({e})") from None
         arr = np.asarray(value)
-        if arr.dtype != dt:
-            raise ValueError(f"{where}: member {key} has dtype {arr.dtype}, expected {np.dtype(dt)}")
+        if arr.dtype != dt or arr.ndim != 1:
+            raise ShardError(f"{where}: member {key} has dtype {arr.dtype} and {arr.ndim} dims, "
+                             f"expected 1-D {np.dtype(dt)}")
         fields[name] = arr
     meta = norm.get("meta.json")
     if meta is None:
-        raise ValueError(f"{where}: member meta.json missing")
-    if isinstance(meta, (bytes, bytearray)):
+        raise ShardError(f"{where}: member meta.json missing")
+    if isinstance(meta, (bytes, bytearray, memoryview)):
         try:
-            meta = json.loads(meta.decode("utf-8"))
+            meta = json.loads(bytes(meta).decode("utf-8"))
         except Exception as e:
-            raise ValueError(f"{where}: member meta.json is not valid JSON ({e})") from None
+            raise ShardError(f"{where}: member meta.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, list) for v in meta.values()):
+        raise ShardError(f"{where}: member meta.json is not an object of lists")
     block = CellBlock(meta=dict(meta), **fields)
-    block.validate(where)
+    try:
+        block.validate(where)
+    except ValueError as e:
+        raise ShardError(str(e)) from None
     return block
 
 
@@ -270,7 +305,7 @@ class ShardWriter:
     def _write_block(self, pieces: list[CellBlock]) -> None:
         key = f"{self._blocks:05d}"
         for name, dtype in ARRAY_FIELDS.items():
-            arrays = [joined_offsets(pieces)] if name == "offsets" else \
+            arrays = [join_offsets([p.offsets for p in pieces])] if name == "offsets" else \
                 [np.ascontiguousarray(getattr(p, name), dtype=dtype) for p in pieces]
             length = sum(len(a) for a in arrays)
             self._member(f"{key}.{name}.npy", [_npy_header(dtype, length), *arrays])
@@ -288,31 +323,17 @@ def write_shard(path: str | os.PathLike, cells: CellBlock, block_size: int = 102
 
 
 def iter_shard_blocks(path: str | os.PathLike):
-    """Yield (key, CellBlock) for each block of a shard, in file order; errors name the shard."""
-    path = Path(path)
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            current, members = None, {}
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _, suffix = info.name.partition(".")
-                if suffix not in MEMBER_SUFFIXES:
-                    raise ValueError(f"shard {path}: unexpected member {info.name!r}")
-                if key != current and current is not None:
-                    yield current, decode_block(members, f"shard {path} block {current}")
-                    members = {}
-                current = key
-                members[suffix] = tar.extractfile(info).read()
-            if current is not None:
-                yield current, decode_block(members, f"shard {path} block {current}")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ValueError(f"shard {path}: unreadable or truncated tar ({type(e).__name__}: {e})") from None
+    """Yield (key, CellBlock) for each block of a shard, in file order (shard_reader.py)."""
+    from .shard_reader import iter_shard_blocks as iterate
+
+    return iterate(path)
 
 
 def read_shard(path: str | os.PathLike) -> CellBlock:
-    """The whole shard as one CellBlock (offsets rebased)."""
-    return CellBlock.concat([b for _, b in iter_shard_blocks(path)])
+    """The whole shard as one CellBlock, offsets rebased (shard_reader.py); ShardError if bad."""
+    from .shard_reader import read_shard as read
+
+    return read(path)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

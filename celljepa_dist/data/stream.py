@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import shutil
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,9 @@ from celljepa_dist.typed_config import check_choices, invalid
 
 from . import order as O
 from .collate import check_mask_ratio, collate_cells_packed, gather_cells, hashable_layout
-from .shard_cache import SharedShardCache, make_cache_dir
+from .shard_cache import ReadAhead, SharedShardCache, make_cache_dir
 from .shard_reader import ShardCells, ShardError, read_shard_cells  # noqa: F401 (re-exported)
-from .shards import check_vocab_hash, read_manifest
+from .shards import check_vocab_hash, join_offsets, read_manifest
 
 STATE_FORMAT = "celljepa-loader-state/1"
 
@@ -97,46 +96,6 @@ class SharedBuffer:
         storage = torch.UntypedStorage._new_shared(nbytes)
         self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage)
         return self.tensor.numpy()
-
-
-class _ReadAhead:
-    """Decodes one shard ahead in a background thread (file reading, sha256 and numpy copies
-    release the GIL, so this overlaps with building batches). get() returns a shard, reading it
-    here when it was not started ahead; errors are raised by get(), as a direct read would."""
-
-    def __init__(self, load):
-        self.load = load
-        self._jobs: dict[int, tuple[threading.Thread, list]] = {}
-
-    def start(self, index: int) -> None:
-        if index in self._jobs:
-            return
-        box: list = []
-
-        def work():
-            try:
-                box.append((True, self.load(index)))
-            except BaseException as e:  # handed to get()
-                box.append((False, e))
-
-        thread = threading.Thread(target=work, name=f"shard-read-ahead-{index}", daemon=True)
-        self._jobs[index] = (thread, box)
-        thread.start()
-
-    def get(self, index: int):
-        job = self._jobs.pop(index, None)
-        if job is None:
-            return self.load(index)
-        job[0].join()
-        ok, value = job[1][0]
-        if not ok:
-            raise value.with_traceback(None)
-        return value
-
-    def join(self) -> None:
-        for thread, _ in self._jobs.values():
-            thread.join()
-        self._jobs.clear()
 
 
 class CellStream(IterableDataset):
@@ -216,9 +175,7 @@ class CellStream(IterableDataset):
         if len(pieces) == 1:
             offsets, genes, bins, joinids, labels = pieces[0]
         else:
-            sizes = [int(p[0][-1]) for p in pieces]
-            shifts = np.concatenate([[0], np.cumsum(sizes)])
-            offsets = np.concatenate([[0]] + [p[0][1:] + sh for p, sh in zip(pieces, shifts)])
+            offsets = join_offsets([p[0] for p in pieces])
             genes, bins, joinids, labels = (np.concatenate([p[i] for p in pieces]) for i in range(1, 5))
             back = np.argsort(np.concatenate(slot_order), kind="stable")  # grouped order -> slot order
             offsets, flat = gather_cells(offsets, back)
@@ -238,7 +195,7 @@ class CellStream(IterableDataset):
         if workers > 1 and self.cache_root is not None:
             shared = SharedShardCache(self.cache_root, self._load, ShardCells, ShardError)
         else:  # a lone reader (in-process or one worker) decodes the next shard in a thread
-            ahead = _ReadAhead(self._load)
+            ahead = ReadAhead(self._load)
         cache: dict[int, ShardCells] = {}
         opened: set[int] = set()
         bad: set[int] = {i for i in range(len(self.shards)) if int(self.bad_flags[i])}
