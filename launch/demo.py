@@ -147,12 +147,20 @@ def pretrain_one(d: Demo, objective: str, ranks: int = 2) -> dict:
         cmd = deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
                                  "--config", PRETRAIN_CONFIG, "--set", f"objective={objective}",
                                  "--set", f"run_dir={run_dir}", "--set", f"vocab={d.vocab}",
-                                 "--set", f"data.shards_dir={d.shards}", "--set", f"tracking.probe_shards={d.probe}")
+                                 "--set", f"data.shards_dir={d.shards}", "--set", f"tracking.probe_shards={d.probe}",
+                                 "--set", f"tracking.probe_cells={probe_cells(d)}")
         if list(run_dir.glob("checkpoints/*/COMMITTED")):
             cmd += ["--resume", "auto"]  # an interrupted demo continues where it stopped
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, env=env, check=True)
     return json.loads(result.read_text())
+
+
+def probe_cells(d: Demo, most: int = 256) -> int:
+    """The whole held-out dataset up to `most` cells (a small --cells demo holds fewer)."""
+    import json
+
+    return min(most, json.loads((d.probe / MANIFEST_NAME).read_text())["total_cells"])
 
 
 def step_pretrain(d: Demo) -> str:

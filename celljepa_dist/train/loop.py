@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from celljepa_dist.atomic import atomic_write_text
-from celljepa_dist.config import TrainConfig, flatten, save_config
+from celljepa_dist.config import TrainConfig, flatten, resolve_for_run, save_config
 from celljepa_dist.model import CellJEPA, celljepa_loss, momentum_at, teacher_embedding
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.tracking import default_run_name, git_sha, make_tracker
@@ -91,18 +91,6 @@ def loss_terms(loss_cfg) -> list[str]:
     terms += ["loss_var"] if loss_cfg.w_var > 0 else []
     terms += ["loss_cov"] if loss_cfg.w_cov > 0 else []
     return terms
-
-
-def _tokenisation(cfg: TrainConfig) -> dict:
-    """How the training cells were tokenised (recorded with the model so that embedding shows new
-    cells the same way). The model's value range must be the shards' binning."""
-    from celljepa_dist.data.shards import read_manifest
-
-    binning = read_manifest(cfg.data.shards_dir)["binning"]
-    if binning["n_bins"] != cfg.model.n_bins:
-        raise ValueError(f"{Path(cfg.data.shards_dir) / 'manifest.json'}: shards binned with n_bins="
-                         f"{binning['n_bins']} but model.n_bins={cfg.model.n_bins}; set model.n_bins to match")
-    return {"n_bins": binning["n_bins"], "max_genes": cfg.data.max_genes, "binning_rule": binning["rule"]}
 
 
 def _build_model(cfg: TrainConfig, ds_config: dict) -> CellJEPA:
@@ -207,12 +195,11 @@ def setup(cfg: TrainConfig) -> Trainer:
     run_dir.mkdir(parents=True, exist_ok=True)
     vocab_path = _resolve_vocab(cfg)
     vocab = GeneVocab.load(vocab_path)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = len(vocab)
-    if cfg.loss.gepc_weight > 0:
-        cfg.model.use_mvc = True  # the GEPC head exists exactly when its loss is on (scgpt by default)
-    cfg.model.validate()
-    tokenisation = _tokenisation(cfg)
+    manifest = read_manifest(cfg.data.shards_dir)
+    # Values only the run knows, resolved once (vocab size, the GEPC head, n_bins vs the shards).
+    cfg = resolve_for_run(cfg, vocab_size=len(vocab), manifest_n_bins=manifest["binning"]["n_bins"])
+    tokenisation = {"n_bins": manifest["binning"]["n_bins"], "max_genes": cfg.data.max_genes,
+                    "binning_rule": manifest["binning"]["rule"]}
 
     ga = cfg.deepspeed.gradient_accumulation_steps
     plan, _ = build_loader(cfg.data, info.rank, info.world_size, epoch=0, vocab_sha256=vocab.sha256)
@@ -224,7 +211,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     fingerprint = json.loads(json.dumps(config_fingerprint(
-        flatten(cfg), vocab.sha256, read_manifest(cfg.data.shards_dir)["total_cells"], total_steps)))
+        flatten(cfg), vocab.sha256, manifest["total_cells"], total_steps)))
     # The probe cells (None when health is off); a bad probe fails here, before any engine starts.
     health = HealthMonitor.from_config(cfg, vocab.sha256, vocab_path, total_steps, info.rank)
 
