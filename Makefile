@@ -29,6 +29,7 @@ ui: $(STAMP)
 	$(PY) launch/mlflow_ui.py --backend-store-uri sqlite:///$(CURDIR)/demo_out/runs/mlflow.db $(if $(PORT),--port $(PORT))
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not gpu and not slow" tests
 
 test-all: $(STAMP)

@@ -44,7 +44,7 @@ setup(
         "setuptools>=77,<81",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tiledbsoma-ml>=0.1"],  # tiledbsoma-ml: loader bench baseline
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tiledbsoma-ml>=0.1", "ruff>=0.6"],  # tiledbsoma-ml: loader bench baseline
         # Never installed in CI: flash-attn needs CUDA and a compiler toolchain.
         "gpu": ["flash-attn>=2.6"],
     },

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from celljepa_dist.atomic import atomic_path
 from celljepa_dist.data.collate import collate_cells, to_tensors
 from celljepa_dist.data.stream import LoaderConfig, build_loader
 
@@ -95,9 +96,9 @@ class SomaBatches(IterableDataset):
         self.ds, self.tokens, self.feature_ids, self.batch_size = ds, tokens, feature_ids, batch_size
 
     def __iter__(self):
-        from celljepa_dist.data.build import cells_to_block
-
         import scipy.sparse as sp
+
+        from celljepa_dist.data.build import cells_to_block
 
         for X, obs in self.ds:  # dense rows: tiledbsoma-ml refuses sparse X with DataLoader workers
             X = sp.csr_matrix(X)
@@ -146,7 +147,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("cells / s")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def main() -> None:

@@ -18,14 +18,26 @@ import torch
 import torch.nn as nn
 
 from celljepa_dist.model import (
-    CellEncoder, CellJEPA, JEPAPredictor, KnownUnknownAttention, LossConfig, ModelConfig, ValueHead,
-    build_attention_mask, celljepa_loss, ema_update_, encoder_params, jepa_cosine_loss, make_teacher,
-    masked_mse, teacher_embedding, teacher_values,
+    CellEncoder,
+    CellJEPA,
+    JEPAPredictor,
+    KnownUnknownAttention,
+    LossConfig,
+    ModelConfig,
+    ValueHead,
+    build_attention_mask,
+    celljepa_loss,
+    ema_update_,
+    encoder_params,
+    jepa_cosine_loss,
+    make_teacher,
+    masked_mse,
+    teacher_embedding,
+    teacher_values,
 )
 from celljepa_dist.model.embedding import TokenEmbedding
 from celljepa_dist.model.flash_varlen import resolve_kernels
 from celljepa_dist.model.synthetic import random_batch
-
 
 # ---- the naive baseline --------------------------------------------------------------------------
 

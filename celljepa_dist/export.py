@@ -23,9 +23,9 @@ import torch
 
 from celljepa_dist.model.cell_jepa import CellJEPA
 from celljepa_dist.model.config import ModelConfig
-from celljepa_dist.tokens import accept_legacy_token_keys
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.model.pretrained import save_pretrained
+from celljepa_dist.tokens import accept_legacy_token_keys
 from celljepa_dist.train.checkpoint import COMMIT_MARKER, ENGINE_TAG
 
 MODEL_DIR_NAME = "model"  # RUN_DIR/model/: where pre-training leaves its export

@@ -13,8 +13,7 @@ With several files the vocabulary is the union of their genes in order of first 
 import argparse
 import sys
 
-from celljepa_dist.data.census import (CensusSource, CensusSourceConfig, H5adFilesConfig, PerFile,
-                                       h5ad_gene_union)
+from celljepa_dist.data.census import CensusSource, CensusSourceConfig, H5adFilesConfig, PerFile, h5ad_gene_union
 from celljepa_dist.data.gene_ids import REQUESTABLE_SCHEMES
 from celljepa_dist.data.vocab import GeneVocab
 

@@ -8,11 +8,12 @@ The end of pre-training logs `final/<loss>` metrics and a loss-curve PNG artefac
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from launch_helpers import cpu_env
 
 from celljepa_dist.tracking import RUN_ID_FILE, default_run_name
 
@@ -56,7 +57,7 @@ def _train(run_dir: Path, objective: str, run_name: str, shards_dir: Path, vocab
             "--set", "max_steps=6", "--set", "checkpoint.every_steps=3", "--set", "tracking.progress=false",
             "--set", f"objective={objective}"]  # the run name is pre-training's own default
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                          env=cpu_env())
     if done.returncode != 0:
         raise RuntimeError(f"tiny {objective} run failed ({done.returncode}):\n"
                            f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}")

@@ -10,8 +10,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from run_fixtures import REPO_ROOT, trained_tiny_runs
 
-from celljepa_dist.compare import (Comparison, RunSummary, compare_runs, compare_url, eval_sort_key,
-                                   render_markdown, write_comparison)
+from celljepa_dist.compare import (
+    Comparison,
+    RunSummary,
+    compare_runs,
+    compare_url,
+    eval_sort_key,
+    render_markdown,
+    write_comparison,
+)
 
 # Hand-picked evaluation values, logged as the evaluator would (eval/{dataset}/{embedding}/{metric}).
 EVAL = {"celljepa": {"eval/tiny/X_celljepa/avgbio": 0.61, "eval/tiny/X_pca/avgbio": 0.52,

@@ -69,6 +69,7 @@ def test_clear_errors_for_missing_inputs(tmp_path):
     assert r.returncode == 1 and "manifest not found" in r.stderr
 
 
+@pytest.mark.multiproc  # two 2-rank pre-trainings
 def test_demo_runs_and_reruns_idempotently(tmp_path):
     cmd = [sys.executable, str(REPO / "launch" / "demo.py"), "--out", str(tmp_path / "demo"), "--cells", "2500",
            "--cells-per-shard", "300"]

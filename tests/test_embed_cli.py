@@ -9,11 +9,11 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pytest
+from test_zero_shot_embed import build_model, synthetic_counts
 
 from celljepa_dist.data.build import ShardBuildConfig, build_shards
 from celljepa_dist.data.census import H5adSource, H5adSourceConfig
 from celljepa_dist.data.vocab import GeneVocab
-from test_zero_shot_embed import build_model, synthetic_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "embed.py"

@@ -13,7 +13,12 @@ import scipy.sparse as sp
 from celljepa_dist.evaluation import evaluate_embeddings, markdown_table
 from celljepa_dist.evaluation.baselines import is_integer_counts, pca_baseline
 from celljepa_dist.evaluation.metrics import (
-    LOUVAIN_RESOLUTIONS, ari, batch_asw, check_embedding, label_asw, nmi,
+    LOUVAIN_RESOLUTIONS,
+    ari,
+    batch_asw,
+    check_embedding,
+    label_asw,
+    nmi,
 )
 
 # louvain 0.8 imports pkg_resources (deprecated): not ours to fix.

@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from celljepa_dist.health import (HealthThresholds, collapse_warnings, effective_rank, health_metrics,
-                                  jepa_prediction_cosine, mean_dim_std, mean_pairwise_cosine,
-                                  threshold_values, top_pc_variance_fraction)
+from celljepa_dist.health import (
+    HealthThresholds,
+    collapse_warnings,
+    effective_rank,
+    health_metrics,
+    jepa_prediction_cosine,
+    mean_dim_std,
+    mean_pairwise_cosine,
+    threshold_values,
+    top_pc_variance_fraction,
+)
 
 
 def naive_rankme(x: np.ndarray, eps: float = 1e-7) -> float:
@@ -174,9 +182,9 @@ def test_probe_views_keep_the_same_genes_and_forwards_match_the_model(tiny_shard
     from celljepa_dist.model import CellJEPA, teacher_embedding
     from celljepa_dist.model.cell_jepa import teacher_values
     from celljepa_dist.model.config import ModelConfig
+    from celljepa_dist.model.encoder import CellEncoder
+    from celljepa_dist.train.health_probe import health_record, load_probe_cells, probe_embeddings, tokenise_probe
     from celljepa_dist.train.teacher import Teacher
-    from celljepa_dist.train.health_probe import (health_record, load_probe_cells, probe_embeddings,
-                                                  tokenise_probe)
 
     shards, vocab_path = tiny_shards
     vocab = GeneVocab.load(vocab_path)
@@ -192,7 +200,7 @@ def test_probe_views_keep_the_same_genes_and_forwards_match_the_model(tiny_shard
     cfg = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=2, n_heads=4, d_hid=32, dropout=0.3)
     torch.manual_seed(0)
     model = CellJEPA(cfg)
-    teacher = Teacher(model.student, zero_stage=0)  # the loop's wrapper: an fp32 copy in eval mode
+    teacher = Teacher(model.student, zero_stage=0, build_like=lambda: CellEncoder(cfg))  # the loop's wrapper: an fp32 copy in eval mode
     with torch.no_grad():  # make it differ from the student, as an EMA teacher does
         for p in teacher.module.parameters():
             p.add_(0.01 * torch.randn_like(p))

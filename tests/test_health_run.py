@@ -11,13 +11,13 @@ probe on, as docs/health.md reports.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from launch_helpers import cpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CKPT_EVERY, HEALTH_EVERY, PROBE_CELLS = 12, 4, 2, 64
@@ -38,7 +38,7 @@ def pretrain(run_dir: Path, shards: Path, vocab: Path, sets: list[str], env: dic
     for s in base + sets:
         argv += ["--set", s]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})})
+                          env=cpu_env(env))
 
 
 def health_records(run_dir: Path) -> list[dict]:
@@ -67,8 +67,8 @@ def test_health_logged_at_every_n_and_commits_and_matches_the_exported_model(nor
 
     from celljepa_dist.data.collate import collate_cells, to_tensors
     from celljepa_dist.data.shards import read_manifest, read_shard
-    from celljepa_dist.model.pretrained import from_pretrained, load_encoder
     from celljepa_dist.model import teacher_embedding
+    from celljepa_dist.model.pretrained import from_pretrained, load_encoder
 
     run_dir, done = normal_run
     records = health_records(run_dir)

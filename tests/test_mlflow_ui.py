@@ -19,10 +19,15 @@ from mlflow.tracking import MlflowClient
 from run_fixtures import REPO_ROOT, trained_tiny_runs
 
 from celljepa_dist.config import TrackingConfig
-from celljepa_dist.mlflow_ui import (compare_runs_url, experiment_links, runs_view_url, server_command,
-                                     start_server)
-from celljepa_dist.tracking import (DEMO_STORE, default_run_name, log_run_artifacts, make_tracker,
-                                    resolve_store_uri, store_artifact_root)
+from celljepa_dist.mlflow_ui import compare_runs_url, experiment_links, runs_view_url, server_command, start_server
+from celljepa_dist.tracking import (
+    DEMO_STORE,
+    default_run_name,
+    log_run_artifacts,
+    make_tracker,
+    resolve_store_uri,
+    store_artifact_root,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 SERVER_TIMEOUT_S = 180

@@ -7,7 +7,10 @@ import torch
 
 from celljepa_dist.model import CellEncoder, KnownUnknownAttention, ModelConfig, allowed_keys, build_attention_mask
 from celljepa_dist.model.flash_varlen import (
-    TORCH_KERNELS, build_varlen_layout, torch_varlen_backward, torch_varlen_forward,
+    TORCH_KERNELS,
+    build_varlen_layout,
+    torch_varlen_backward,
+    torch_varlen_forward,
 )
 from celljepa_dist.model.synthetic import random_batch
 

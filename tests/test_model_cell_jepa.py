@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from celljepa_dist.model import (
-    CellJEPA, LossConfig, ModelConfig, celljepa_loss, ema_update_, encoder_params, make_teacher,
-    momentum_at, teacher_embedding,
+    CellJEPA,
+    LossConfig,
+    ModelConfig,
+    celljepa_loss,
+    ema_update_,
+    encoder_params,
+    make_teacher,
+    momentum_at,
+    teacher_embedding,
 )
 from celljepa_dist.model.synthetic import random_batch
 

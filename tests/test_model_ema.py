@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from celljepa_dist.model import (
-    CellEncoder, EMAConfig, ModelConfig, ema_update_, encoder_params, make_teacher, momentum_at, momentum_schedule,
+    CellEncoder,
+    EMAConfig,
+    ModelConfig,
+    ema_update_,
+    encoder_params,
+    make_teacher,
+    momentum_at,
+    momentum_schedule,
 )
 
 

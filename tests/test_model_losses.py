@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from celljepa_dist.model import (
-    CellJEPA, LossConfig, ModelConfig, celljepa_loss, ecs_scgpt_loss, ecs_supcon_loss,
-    jepa_cosine_loss, make_teacher, masked_mse, mse, teacher_embedding,
+    CellJEPA,
+    LossConfig,
+    ModelConfig,
+    celljepa_loss,
+    ecs_scgpt_loss,
+    ecs_supcon_loss,
+    jepa_cosine_loss,
+    make_teacher,
+    masked_mse,
+    mse,
+    teacher_embedding,
 )
 from celljepa_dist.model.synthetic import random_batch
 

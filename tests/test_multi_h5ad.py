@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from celljepa_dist.data.binning import bin_cell_reference
-from celljepa_dist.data.gene_ids import GeneMap, detect_scheme, union_genes, resolve_genes, FileGenes
+from celljepa_dist.data.gene_ids import FileGenes, GeneMap, detect_scheme, resolve_genes, union_genes
 from celljepa_dist.data.shards import CellBlock, read_manifest, read_shard, validate_shards
 from celljepa_dist.data.vocab import GeneVocab
 

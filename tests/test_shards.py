@@ -6,9 +6,21 @@ import numpy as np
 import pytest
 
 from celljepa_dist.data.binning import bin_csr
-from celljepa_dist.data.shards import (CellBlock, build_manifest, check_vocab_hash, decode_block, iter_shard_blocks, validate_shards,
-                                       read_manifest, read_shard, sha256_file, write_manifest, write_shard,
-                                       ShardWriter, encode_block)
+from celljepa_dist.data.shards import (
+    CellBlock,
+    ShardWriter,
+    build_manifest,
+    check_vocab_hash,
+    decode_block,
+    encode_block,
+    iter_shard_blocks,
+    read_manifest,
+    read_shard,
+    sha256_file,
+    validate_shards,
+    write_manifest,
+    write_shard,
+)
 
 
 def random_cells(n, seed=0, vocab_size=500):

@@ -12,7 +12,14 @@ import yaml
 from celljepa_dist import tokens as T
 from celljepa_dist.data.binning import bin_csr
 from celljepa_dist.data.collate import collate_cells, to_tensors
-from celljepa_dist.data.shards import CellBlock, build_manifest, shard_name, validate_shards, write_manifest, write_shard
+from celljepa_dist.data.shards import (
+    CellBlock,
+    build_manifest,
+    shard_name,
+    validate_shards,
+    write_manifest,
+    write_shard,
+)
 from celljepa_dist.data.vocab import GeneVocab
 from celljepa_dist.model.config import ModelConfig
 from celljepa_dist.model.embedding import CategoryValueEmbedding, GeneEmbedding

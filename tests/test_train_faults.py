@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import cpu_env
 
 from celljepa_dist.launching import deepspeed_launcher, free_port
 
@@ -36,7 +37,7 @@ def _cmd(config: Path, run_dir: Path, shards: Path, vocab: Path, sets: list[str]
 
 
 def _env(extra: dict | None = None) -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra or {})}
+    return cpu_env(extra)
 
 
 def _shm_buffers() -> set[str]:

@@ -3,13 +3,13 @@ policy for non-finite values, and the MLflow record of a run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import cpu_env
 
 from celljepa_dist.launching import deepspeed_launcher, free_port
 
@@ -25,7 +25,7 @@ def _sets(run_dir, shards, vocab, extra):
 
 
 def _run(cmd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = cpu_env()
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -148,7 +148,7 @@ def test_two_nodes_without_ssh_one_launcher_per_node(tiny_shards, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
     port = str(free_port())
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = cpu_env()
     procs = []
     for node in (0, 1):
         cmd = deepspeed_launcher() + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),

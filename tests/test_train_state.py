@@ -3,12 +3,11 @@ a real 1-rank run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch_helpers import cpu_env, pretrain_argv
 
 from celljepa_dist.config import flatten, load_config
 from celljepa_dist.train.state import TrainState, config_fingerprint, fingerprint_differences
@@ -45,14 +44,12 @@ def test_train_state_round_trip_and_ema_step_check():
 
 
 def _pretrain(run_dir: Path, shards: Path, vocab: Path, *sets: str, resume: bool = False) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
-    for s in (f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}", "tracking.progress=false",
-              "checkpoint.every_steps=2", *sets):
-        argv += ["--set", s]
+    argv = pretrain_argv(REPO / "configs" / "tiny_cpu.yaml",
+                         [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}", "tracking.progress=false",
+                          "checkpoint.every_steps=2", *sets])
     if resume:
         argv += ["--resume", "auto"]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=cpu_env())
 
 
 @pytest.mark.multiproc

@@ -7,7 +7,6 @@ it under `deepspeed --num_gpus 2` with `--worker`.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch_helpers import cpu_env
 
 from celljepa_dist.launching import deepspeed_launcher, free_port
 
@@ -103,7 +103,7 @@ def closed_form_ema(history: list[dict], momenta: list[float]) -> dict:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("stage", [1, 3])
 def test_teacher_is_closed_form_ema_on_every_rank(tmp_path, stage):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = cpu_env()
     cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), __file__, "--worker", tmp_path, stage)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])

@@ -5,8 +5,13 @@ import pytest
 
 from celljepa_dist.data.vocab import GeneVocab
 from celljepa_dist.zero_shot.cells import check_no_empty_cells, matched_genes_per_cell
-from celljepa_dist.zero_shot.genes import (DEFAULT_MIN_VOCAB_FRACTION, check_vocab_coverage, gene_labels,
-                                           match_dataset_genes, match_genes)
+from celljepa_dist.zero_shot.genes import (
+    DEFAULT_MIN_VOCAB_FRACTION,
+    check_vocab_coverage,
+    gene_labels,
+    match_dataset_genes,
+    match_genes,
+)
 
 N_VOCAB = 200
 IDS = [f"ENSG{i:011d}" for i in range(N_VOCAB)]

@@ -17,12 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .binning import BINNING_RULE, check_n_bins
-from .kernels import NEGATIVE, NOT_FINITE, NOT_INTEGER, OK, prepare_rows, quantile_positions
-from .shards import (CellBlock, ShardWriter, build_manifest, manifest_bytes, read_manifest, sha256_file,
-                     shard_name, write_manifest)
 from celljepa_dist.atomic import atomic_write_bytes
 
+from .binning import BINNING_RULE, check_n_bins
+from .kernels import NEGATIVE, NOT_FINITE, NOT_INTEGER, OK, prepare_rows, quantile_positions
+from .shards import (
+    CellBlock,
+    ShardWriter,
+    build_manifest,
+    manifest_bytes,
+    read_manifest,
+    sha256_file,
+    shard_name,
+    write_manifest,
+)
 from .vocab import GeneVocab
 
 PARTS_DIR = ".parts"
@@ -256,9 +264,4 @@ def merge_manifest(out: Path, params: dict, n_shards: int, genes_unmatched: int,
     return read_manifest(out)
 
 
-def build_params_of(out: str | Path) -> dict:
-    return json.loads((Path(out) / BUILD_PARAMS).read_text())
-
-
-__all__ = ["ShardBuildConfig", "build_shards", "cells_to_block", "map_source_genes", "merge_manifest",
-           "build_params_of"]
+__all__ = ["ShardBuildConfig", "build_shards", "cells_to_block", "map_source_genes", "merge_manifest"]

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
-from webdataset.tariterators import meta_prefix as _META_PREFIX, meta_suffix as _META_SUFFIX
+from webdataset.tariterators import meta_prefix as _META_PREFIX
+from webdataset.tariterators import meta_suffix as _META_SUFFIX
 
 from .shards import CellBlock, ShardError, decode_block, join_offsets
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from celljepa_dist.atomic import atomic_path
+
 from .shards import read_manifest, read_shard
 
 
@@ -53,6 +55,7 @@ def plot_shard_summary(summary: dict, out_png: str | Path) -> Path:
                  f"{summary['bytes_per_expressed_gene']:.1f} bytes per expressed gene")
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=90)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return out_png

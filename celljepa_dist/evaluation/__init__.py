@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from celljepa_dist.evaluation.report import markdown_table, write_report
 from celljepa_dist.evaluation.run import (
-    EvaluationConfig, EvaluationOutput, evaluate_embeddings, evaluate_h5ad, log_to_mlflow, metric_name,
+    EvaluationConfig,
+    EvaluationOutput,
+    evaluate_embeddings,
+    evaluate_h5ad,
+    log_to_mlflow,
+    metric_name,
 )
 
 __all__ = ["EvaluationConfig", "EvaluationOutput", "evaluate_embeddings", "evaluate_h5ad", "log_to_mlflow",

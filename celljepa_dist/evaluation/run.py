@@ -18,7 +18,12 @@ from tqdm import tqdm
 
 from celljepa_dist.evaluation.baselines import BASELINE_KEYS, compute_baseline
 from celljepa_dist.evaluation.metrics import (
-    check_label_classes, check_labels, embedding_metrics, get_embedding, neighbors_key, progress_enabled,
+    check_label_classes,
+    check_labels,
+    embedding_metrics,
+    get_embedding,
+    neighbors_key,
+    progress_enabled,
 )
 
 # Notes for the report (label key, batch key, how the baseline used X) travel with the AnnData.

@@ -159,10 +159,6 @@ class LossConfig:
         """The GEPC weight in effect: `w_mvc`, or the objective's default when it is not set."""
         return DEFAULT_GEPC_WEIGHT[self.objective] if self.w_mvc is None else float(self.w_mvc)
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.objective == "celljepa" and self.w_jepa > 0
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

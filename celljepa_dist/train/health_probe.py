@@ -24,8 +24,13 @@ import torch
 
 from celljepa_dist.data.collate import collate_cells, to_tensors
 from celljepa_dist.data.shards import CellBlock, read_manifest, read_shard, sha256_file
-from celljepa_dist.health import (HealthMetrics, HealthThresholds, collapse_warnings, health_metrics,
-                                  jepa_prediction_cosine)
+from celljepa_dist.health import (
+    HealthMetrics,
+    HealthThresholds,
+    collapse_warnings,
+    health_metrics,
+    jepa_prediction_cosine,
+)
 from celljepa_dist.model.cell_jepa import teacher_embedding
 
 HEALTH_LOG = "health.jsonl"

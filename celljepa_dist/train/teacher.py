@@ -13,7 +13,6 @@ The teacher is never part of the DeepSpeed engine's module: it must not reach th
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +29,10 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 class Teacher:
-    def __init__(self, student: nn.Module, zero_stage: int, build_like: Callable[[], nn.Module] | None = None,
+    def __init__(self, student: nn.Module, zero_stage: int, build_like: Callable[[], nn.Module],
                  ds_config: dict | None = None, rank: int = 0, forward_dtype: torch.dtype = torch.float32):
         """`student` is the engine's student encoder (after deepspeed.initialize for ZeRO-3);
-        `build_like` builds a fresh module of the same architecture (needed for ZeRO-3)."""
+        `build_like` builds a fresh module of the same architecture."""
         self.zero_stage = zero_stage
         self.rank = rank
         # Weights stay fp32 (the EMA needs it); on CUDA the forward may run under autocast so
@@ -43,8 +42,8 @@ class Teacher:
         if zero_stage == 3:
             import deepspeed
 
-            if build_like is None or ds_config is None:
-                raise ValueError("ZeRO-3 teacher needs build_like and ds_config")
+            if ds_config is None:
+                raise ValueError("ZeRO-3 teacher needs ds_config")
             # fp32 via the config, not `dtype=`: DeepSpeed 0.19's Init ignores dtype on CPU
             # (operator precedence in Init._set_dtype) and would build a bf16 teacher.
             fp32_config = {**ds_config, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
@@ -56,13 +55,11 @@ class Teacher:
             with torch.no_grad():
                 for t, s in zip(t_params, s_params):
                     t.ds_tensor.copy_(s.ds_tensor.float())
-        elif build_like is not None:
+        else:
             # A fresh module + state_dict rather than deepcopy: DeepSpeed hangs optimiser links
             # (`_hp_mapping`) on ZeRO-1/2 parameters, which a deepcopy would duplicate.
             self.module = build_like().float()
             self.module.load_state_dict({k: v.detach().float() for k, v in student.state_dict().items()})
-        else:
-            self.module = copy.deepcopy(student).float()
         self.module.requires_grad_(False)
         # No dropout in the target encoder, as I-JEPA's target encoder.
         self.module.eval()

@@ -9,8 +9,18 @@ binned tokens as in training, embed.py batches them through the encoder.
 from __future__ import annotations
 
 from .cells import GENE_SELECTIONS, TokenizedCells, select_genes
-from .embed import (ENCODERS, POOLINGS, EmbeddingConfig, EmbeddingModel, EmbeddingResult, embed, embed_anndata,
-                    embed_shards, load_embedding_model, write_h5ad_atomic)
+from .embed import (
+                    ENCODERS,
+                    POOLINGS,
+                    EmbeddingConfig,
+                    EmbeddingModel,
+                    EmbeddingResult,
+                    embed,
+                    embed_anndata,
+                    embed_shards,
+                    load_embedding_model,
+                    write_h5ad_atomic,
+)
 from .genes import DEFAULT_MIN_VOCAB_FRACTION, GeneMatch, match_dataset_genes
 
 __all__ = [

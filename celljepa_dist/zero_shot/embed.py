@@ -23,8 +23,17 @@ import torch
 from celljepa_dist.data.binning import BINNING_RULE
 from celljepa_dist.data.vocab import GeneVocab
 
-from .cells import (TokenizedCells, batch_arrays, check_gene_selection, check_no_empty_cells, expression_matrix,
-                    matched_genes_per_cell, row_chunks, select_genes, tokenize_rows)
+from .cells import (
+    TokenizedCells,
+    batch_arrays,
+    check_gene_selection,
+    check_no_empty_cells,
+    expression_matrix,
+    matched_genes_per_cell,
+    row_chunks,
+    select_genes,
+    tokenize_rows,
+)
 from .genes import DEFAULT_MIN_VOCAB_FRACTION, GeneMatch, check_min_vocab_fraction, gene_labels, match_dataset_genes
 
 ENCODERS = ("teacher", "student")

@@ -1,0 +1,27 @@
+"""What the tests that launch real pre-training runs share: the CPU environment and the argv of
+`launch/pretrain.py` (1 rank in this interpreter, or several through DeepSpeed's launcher)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from celljepa_dist.launching import deepspeed_launcher, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "launch" / "pretrain.py"
+
+
+def cpu_env(extra: dict | None = None) -> dict:
+    """DeepSpeed on CPU ranks (gloo), one thread per rank: 2 ranks share the 2 cores."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def pretrain_argv(config: Path, sets: list[str], ranks: int = 1) -> list[str]:
+    """`launch/pretrain.py --config C --set ...`: plain python for 1 rank, else the deepspeed launcher."""
+    head = [sys.executable, str(PRETRAIN)] if ranks == 1 else \
+        deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port(), PRETRAIN)
+    argv = [*map(str, head), "--config", str(config)]
+    for s in sets:
+        argv += ["--set", s]
+    return argv
