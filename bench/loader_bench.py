@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from celljepa_dist.atomic import atomic_path
+from celljepa_dist.atomic import save_png
 from celljepa_dist.data.collate import collate_cells, to_tensors
 from celljepa_dist.data.stream import LoaderConfig, build_loader
 
@@ -147,8 +147,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("cells / s")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    save_png(fig, path, dpi=120)
 
 
 def main() -> None:

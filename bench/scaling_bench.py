@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from celljepa_dist.atomic import atomic_path  # noqa: E402
+from celljepa_dist.atomic import save_png  # noqa: E402
 from celljepa_dist.launching import deepspeed_launcher, free_port  # noqa: E402
 
 
@@ -84,10 +84,7 @@ def plot(a: float, b: float, png: Path) -> None:
     ax.set_ylabel("cells/s")
     ax.set_title(f"data-parallel efficiency {b / (2 * a):.2f}")
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, png, dpi=110)
 
 
 def main(argv=None) -> int:

@@ -57,6 +57,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) ->
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
+def save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure as a PNG under its final name only once complete; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
 def read_json(path: str | os.PathLike, what: str):
     """Parse a JSON file; a missing or broken file raises an error naming `what` and the path."""
     path = Path(path)

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from celljepa_dist.atomic import atomic_path, atomic_write_text
+from celljepa_dist.atomic import atomic_write_text, save_png
 from celljepa_dist.mlflow_ui import EVAL_PREFIXES, compare_runs_url
 
 LOSS_PREFIX = "loss"
@@ -200,11 +200,7 @@ def plot_loss_curves(comparison: Comparison, out_png: str | Path) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(f"{comparison.experiment_name}: loss curves", fontsize=10)
     fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png, dpi=110)
 
 
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> dict[str, Path]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from celljepa_dist.atomic import atomic_path
+from celljepa_dist.atomic import save_png
 
 from .shards import read_manifest, read_shard
 
@@ -54,8 +54,4 @@ def plot_shard_summary(summary: dict, out_png: str | Path) -> Path:
     fig.suptitle(f"{summary['total_cells']} cells in {summary['shards']} shards; "
                  f"{summary['bytes_per_expressed_gene']:.1f} bytes per expressed gene")
     fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png, dpi=90)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from celljepa_dist.atomic import atomic_path, atomic_write_text
+from celljepa_dist.atomic import atomic_write_text, save_png
 from celljepa_dist.evaluation.baselines import BASELINE_KEYS
 from celljepa_dist.evaluation.metrics import get_embedding, knn_graph, neighbors_key, progress_enabled
 
@@ -143,9 +143,7 @@ def plot_umaps(coordinates: Mapping[str, np.ndarray], labels: np.ndarray, titles
     axes[0][-1].legend(title=label_key, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7,
                        markerscale=3, frameon=False, ncol=1 if len(categories) <= 25 else 2)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def write_report(results: Mapping[str, Mapping[str, float]], adata: ad.AnnData, label_key: str,

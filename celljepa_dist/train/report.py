@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from celljepa_dist.atomic import atomic_path
+from celljepa_dist.atomic import save_png
 
 HEALTH_METRICS = ("rankme", "mean_cos", "dim_std", "top3_var")
 
@@ -42,13 +42,8 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path) -> Path:
 
 
 def _save(fig, out_png: str | Path) -> Path:
-    import matplotlib.pyplot as plt
 
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png, dpi=110)
 
 
 def read_health(run_dir: str | Path) -> list[dict]:
