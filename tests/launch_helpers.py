@@ -17,10 +17,11 @@ def cpu_env(extra: dict | None = None) -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
-def pretrain_argv(config: Path, sets: list[str], ranks: int = 1) -> list[str]:
-    """`launch/pretrain.py --config C --set ...`: plain python for 1 rank, else the deepspeed launcher."""
-    head = [sys.executable, str(PRETRAIN)] if ranks == 1 else \
-        deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port(), PRETRAIN)
+def pretrain_argv(config: Path, sets: list[str], ranks: int = 1, launcher: bool = False) -> list[str]:
+    """`launch/pretrain.py --config C --set ...`: plain python for 1 rank, else (or with
+    `launcher`) through the deepspeed launcher."""
+    head = deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port(), PRETRAIN) \
+        if ranks > 1 or launcher else [sys.executable, str(PRETRAIN)]
     argv = [*map(str, head), "--config", str(config)]
     for s in sets:
         argv += ["--set", s]

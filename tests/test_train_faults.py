@@ -21,19 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import cpu_env
-
-from celljepa_dist.launching import deepspeed_launcher, free_port
+from launch_helpers import cpu_env, pretrain_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cmd(config: Path, run_dir: Path, shards: Path, vocab: Path, sets: list[str], ranks: int = 2) -> list[str]:
-    base = [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}"]
-    args = [str(REPO / "launch" / "pretrain.py"), "--config", str(config)]
-    for s in base + sets:
-        args += ["--set", s]
-    return deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port()) + args
+    return pretrain_argv(config, [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}", *sets],
+                         ranks=ranks, launcher=True)
 
 
 def _env(extra: dict | None = None) -> dict:
