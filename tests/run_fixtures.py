@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch_helpers import cpu_env
+from launch_helpers import cpu_env, pretrain_argv
 
 from celljepa_dist.tracking import RUN_ID_FILE, default_run_name
 
@@ -51,11 +50,10 @@ _CACHE: dict[Path, TinyRuns] = {}
 
 
 def _train(run_dir: Path, objective: str, run_name: str, shards_dir: Path, vocab_path: Path) -> None:
-    argv = [sys.executable, str(REPO_ROOT / "launch" / "pretrain.py"),
-            "--config", str(REPO_ROOT / "configs" / "tiny_cpu.yaml"),
-            "--set", f"run_dir={run_dir}", "--set", f"vocab={vocab_path}", "--set", f"data.shards_dir={shards_dir}",
-            "--set", "max_steps=6", "--set", "checkpoint.every_steps=3", "--set", "tracking.progress=false",
-            "--set", f"objective={objective}"]  # the run name is pre-training's own default
+    argv = pretrain_argv(REPO_ROOT / "configs" / "tiny_cpu.yaml",
+                         [f"run_dir={run_dir}", f"vocab={vocab_path}", f"data.shards_dir={shards_dir}", "max_steps=6",
+                          "checkpoint.every_steps=3", "tracking.progress=false",
+                          f"objective={objective}"])  # the run name is pre-training's own default
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                           env=cpu_env())
     if done.returncode != 0:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from launch_helpers import cpu_env
+from launch_helpers import cpu_env, pretrain_argv
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CKPT_EVERY, HEALTH_EVERY, PROBE_CELLS = 12, 4, 2, 64
@@ -30,13 +29,11 @@ COLLAPSE = ["loss.w_rec=0", "ema.schedule=constant", "ema.base=0", "ema.final=0"
 
 
 def pretrain(run_dir: Path, shards: Path, vocab: Path, sets: list[str], env: dict | None = None):
-    argv = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     base = [f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}", f"tracking.probe_shards={shards}",
             f"tracking.probe_cells={PROBE_CELLS}", f"tracking.health_every={HEALTH_EVERY}", f"max_steps={STEPS}",
             f"checkpoint.every_steps={CKPT_EVERY}", "tracking.log_every=3", "tracking.progress=false",
             "deterministic=true", *COLLAPSE_ONLY]
-    for s in base + sets:
-        argv += ["--set", s]
+    argv = pretrain_argv(REPO / "configs" / "tiny_cpu.yaml", base + sets)
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=cpu_env(env))
 
