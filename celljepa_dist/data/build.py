@@ -10,6 +10,7 @@ shards whose record and checksum verify, so a killed job resumes and ends byte-i
 from __future__ import annotations
 
 import json
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -167,7 +168,8 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
     n_shards = -(-len(joinids) // cfg.cells_per_shard)
     mine = range(cfg.job_index, n_shards, cfg.num_jobs)
     bar = tqdm(total=sum(min(cfg.cells_per_shard, len(joinids) - i * cfg.cells_per_shard) for i in mine),
-               desc=f"shards job {cfg.job_index}/{cfg.num_jobs}", unit="cell", disable=not progress)
+               desc=f"shards job {cfg.job_index}/{cfg.num_jobs}", unit="cell",
+               disable=not progress or not sys.stderr.isatty())
     todo = []
     for i in mine:
         # A killed job leaves its temp file behind; only this job writes shard i, so it may remove it.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,7 +256,8 @@ def write_store(out: str | os.PathLike, cfg: SimulationConfig, progress: bool = 
                                                  platform_config=CENSUS_X_PLATFORM_CONFIG)
             n_blocks = -(-cfg.cells // BLOCK_CELLS)
             pending = []
-            for b in tqdm(range(n_blocks), desc="simulate cells", unit="block", disable=not progress):
+            for b in tqdm(range(n_blocks), desc="simulate cells", unit="block",
+                          disable=not progress or not sys.stderr.isatty()):
                 start = b * BLOCK_CELLS
                 n = min(BLOCK_CELLS, cfg.cells - start)
                 obs, indptr, cols, counts = simulate_block(world, b, n)

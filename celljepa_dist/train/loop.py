@@ -15,6 +15,7 @@ import json
 import math
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,7 +259,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     if info.rank == 0 and cfg.tracking.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=state.step, desc=f"pretrain {cfg.objective}", dynamic_ncols=True)
+        progress = tqdm(total=total_steps, initial=state.step, desc=f"pretrain {cfg.objective}", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())  # quiet in logs and CI
     return Trainer(cfg=cfg, info=info, run_dir=run_dir, vocab_sha256=vocab.sha256, tokenisation=tokenisation,
                    terms=loss_terms(cfg.loss), steps_per_epoch=steps_per_epoch, engine=engine, teacher=teacher,
                    float_dtype=float_dtype, n_nonembed=n_nonembed, ckpt=ckpt, state=state, resume_dir=resume_dir,
