@@ -206,7 +206,11 @@ def unreadable(tmp_path):
     text = tmp_path / "text.h5ad"
     text.write_text("cell,gene,count\n")
     (tmp_path / "folder.h5ad").mkdir()
-    return {"truncated": truncated, "not HDF5": text, "a directory": tmp_path / "folder.h5ad"}
+    import h5py
+
+    h5py.File(tmp_path / "plain.h5ad", "w").create_dataset("x", data=np.arange(3))  # HDF5, no AnnData
+    return {"truncated": truncated, "not HDF5": text, "HDF5 without AnnData": tmp_path / "plain.h5ad",
+            "a directory": tmp_path / "folder.h5ad"}
 
 
 def test_unreadable_h5ad_is_one_error_line_in_every_tool(unreadable, tmp_path, vocab_path, cli):
