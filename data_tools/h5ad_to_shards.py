@@ -8,10 +8,12 @@
 Cells of file 1, then file 2, ...; each cell's dataset_id is its file's stem. --label-key KEY
 applies to every file, STEM=KEY to one file (overriding), STEM= marks a file as unlabelled; a
 file without its key is an error unless --allow-missing-labels (label -1, cell_type ''). Labels
-share one index over all files. Values must be integer counts, checked per file, unless
---allow-non-integer (bare: every file; with stems: those files), e.g. for log-normalised X:
-per-cell binning is rank-based, so bins stay meaningful, but say so explicitly. Gene options
-as for build_vocab.py (give the same ones).
+share one index over all files; a missing label (NaN/None, '', 'nan') is unknown (-1), never a
+class, and the summary counts such cells per file. Values must be integer counts, checked per
+file, unless --allow-non-integer (bare: every file; with stems: those files), e.g. for
+log-normalised X: per-cell binning is rank-based, so bins stay meaningful, but say so explicitly.
+--layer raw reads adata.raw.X with its genes (adata.raw.var), where a normalised X often keeps
+the counts. Gene and --layer options as for build_vocab.py (give the same ones).
 """
 import argparse
 import sys
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--label-key", nargs="+", action="extend", metavar="[STEM=]KEY")
     p.add_argument("--allow-missing-labels", action="store_true")
     p.add_argument("--layer", nargs="+", action="extend", metavar="[STEM=]LAYER",
-                   help="AnnData layer with counts (default: X)")
+                   help="AnnData layer with counts (default: X; raw: adata.raw)")
     p.add_argument("--allow-non-integer", nargs="*", metavar="STEM",
                    help="skip the raw-count check: for every file, or for the files named")
     p.add_argument("--gene-id-scheme", choices=REQUESTABLE_SCHEMES, default="auto")
@@ -61,7 +63,16 @@ def main(argv=None) -> int:
     print(f"shards: {args.out} ({manifest['total_cells']} cells in {len(manifest['shards'])} shards, "
           f"gene-id scheme {manifest['source']['gene_id_scheme']}, skipped {manifest['skipped']}, "
           f"labels {manifest.get('labels')})")
+    for line in unlabelled_lines(manifest["source"]):
+        print(line)
     return 0
+
+
+def unlabelled_lines(source: dict) -> list[str]:
+    """One line per file with cells that carry no label (stored as unknown, -1)."""
+    return [f"  {f['cells_without_label']} cells without a label in {f['label_key'] or '(no label key)'} "
+            f"({f['path']}): stored as unknown (-1)"
+            for f in source.get("files", []) if f.get("cells_without_label")]
 
 
 if __name__ == "__main__":

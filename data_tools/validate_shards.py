@@ -1,4 +1,6 @@
-"""Check every shard against its manifest (sha256, cell counts, vocab hash, bin and gene ranges).
+"""Check every shard against its manifest (sha256, cell counts, vocab hash, bin and gene ranges) and
+the set against its build (no cells; tars the manifest does not list; fewer cells or shards than
+build.json and .parts/ say the build made).
 
     python data_tools/validate_shards.py SHARDS [--vocab vocab.json]
 Exits 1 and prints one line per fault, naming the shard.

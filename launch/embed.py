@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder", choices=ENCODERS, default=None, help="default: teacher if saved, else student")
     p.add_argument("--key", default="X_celljepa", help="obsm key of the embeddings (default X_celljepa)")
     p.add_argument("--gene-key", default=None, help="var column with Ensembl ids or symbols (default: var_names)")
-    p.add_argument("--layer", default=None, help="AnnData layer to use instead of X")
+    p.add_argument("--layer", default=None, help="AnnData layer to use instead of X (raw: adata.raw)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--max-genes", type=int, default=None, help="genes per cell (default: the model's training value)")
@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     import anndata
 
+    from celljepa_dist.data.h5ad import read_h5ad
     from celljepa_dist.zero_shot.embed import EmbeddingConfig, embed_anndata, embed_shards, write_h5ad_atomic
 
     cfg = EmbeddingConfig(encoder=args.encoder, batch_size=args.batch_size, device=args.device,
@@ -56,12 +57,7 @@ def run(args: argparse.Namespace) -> str:
                           gene_key=args.gene_key, layer=args.layer, min_vocab_fraction=args.min_vocab_fraction,
                           progress=not args.no_progress).validate()
     if args.h5ad:
-        if not os.path.isfile(args.h5ad):
-            raise FileNotFoundError(f"h5ad file not found: {args.h5ad}")
-        try:
-            adata = anndata.read_h5ad(args.h5ad)
-        except OSError as err:
-            raise ValueError(f"{args.h5ad}: not a readable h5ad file ({err})") from err
+        adata = read_h5ad(args.h5ad)  # errors name the file: missing, a directory, truncated, not HDF5
         result = embed_anndata(args.model, adata, cfg, where=args.h5ad)
     else:
         result, obs = embed_shards(args.model, args.shards, cfg)

@@ -23,6 +23,8 @@ from celljepa_dist.atomic import atomic_write_bytes
 from .binning import BINNING_RULE, check_n_bins
 from .kernels import NEGATIVE, NOT_FINITE, NOT_INTEGER, OK, prepare_rows, quantile_positions
 from .shards import (
+    BUILD_PARTS_DIR,
+    BUILD_SETTINGS,
     CellBlock,
     ShardWriter,
     build_manifest,
@@ -34,11 +36,11 @@ from .shards import (
 )
 from .vocab import GeneVocab
 
-PARTS_DIR = ".parts"
+PARTS_DIR = BUILD_PARTS_DIR
 READ_CHUNK_CELLS = 4096
 PREFETCH_CHUNKS = 2  # sub-chunks read ahead in a thread; 0 reads synchronously
 MAX_PENDING_WRITES = 2  # processed sub-chunks queued for the writer thread (bounds memory)
-BUILD_PARAMS = "build.json"
+BUILD_PARAMS = BUILD_SETTINGS
 
 
 @dataclass
@@ -67,6 +69,8 @@ class ShardBuildConfig:
 
 def map_source_genes(feature_ids: list[str], feature_names: list[str], vocab: GeneVocab,
                      min_gene_match: float, where: str) -> tuple[np.ndarray, int]:
+    if not feature_ids:  # every cell would be empty: refuse before anything is written
+        raise ValueError(f"{where}: no genes (the source's var is empty)")
     seen: dict[str, int] = {}
     for i, fid in enumerate(feature_ids):
         if fid in seen:
@@ -115,16 +119,42 @@ def _params(source, vocab: GeneVocab, cfg: ShardBuildConfig, n_cells: int) -> di
             "raw_check": bool(source.layer_is_raw)}
 
 
-def _check_params(out: Path, params: dict) -> None:
+def _settings_diff(out: Path, params: dict) -> list[str] | None:
+    """The settings keys in which out/build.json differs from `params` (None: no build.json)."""
     path = out / BUILD_PARAMS
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
-        if diff:
-            raise ValueError(f"{out} was built with different settings ({', '.join(diff)}): "
-                             f"use another --out or delete it")
-    else:
-        atomic_write_bytes(path, manifest_bytes(params))
+    if not path.exists():
+        return None
+    old, new = json.loads(path.read_text()), json.loads(manifest_bytes(params))  # compare as JSON values
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _committed_shards(out: Path) -> list[str]:
+    """Names of the shards whose record is in PARTS_DIR: the shards a build has finished."""
+    return sorted(p.name.removesuffix(".json") for p in (out / PARTS_DIR).glob("shard-*.tar.json"))
+
+
+def _check_params(out: Path, params: dict) -> None:
+    """Pin the settings in build.json. Other settings than the pinned ones are refused once a shard
+    is committed under them; before that (a build that failed before finishing any shard, e.g. on
+    a bad value) the record binds nothing, so the corrected re-run replaces it."""
+    diff = _settings_diff(out, params)
+    if diff:
+        committed = _committed_shards(out)
+        if committed:
+            raise ValueError(f"{out} was built with different settings ({', '.join(diff)}) and holds "
+                             f"{len(committed)} finished shards: use another --out or delete it")
+    if diff != []:
+        atomic_write_bytes(out / BUILD_PARAMS, manifest_bytes(params))
+
+
+def _check_params_unchanged(out: Path, params: dict, name: str) -> None:
+    """Before committing a shard: build.json still holds this job's settings. A job started with
+    other settings before any shard was committed replaces the record (_check_params); the job
+    whose settings were replaced stops here instead of mixing shards of two settings."""
+    diff = _settings_diff(out, params)
+    if diff:
+        raise ValueError(f"{out / BUILD_PARAMS} changed while this job was building ({', '.join(diff)}; "
+                         f"another job with other settings?): {name} not committed")
 
 
 def _record_path(out: Path, i: int) -> Path:
@@ -194,6 +224,23 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
         clock("read", t0)
         return result
 
+    # The writer thread keeps running the tasks queued behind a failed one until this thread sees
+    # the failure; without this flag it would then close and record the shard that lost a block
+    # (a complete-looking shard with fewer cells). After a failure every queued task refuses.
+    failed: list[BaseException] = []
+
+    def guarded(task):
+        def run(*args):
+            if failed:
+                raise RuntimeError(f"not run: an earlier write failed ({failed[0]!r})")
+            try:
+                return task(*args)
+            except BaseException as e:
+                failed.append(e)
+                raise
+        return run
+
+    @guarded
     def write(i, block):
         t0 = time.perf_counter()
         if i not in writers:
@@ -202,8 +249,10 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
         clock("write", t0)
         return 0
 
+    @guarded
     def finish(i, skipped):
         t0 = time.perf_counter()
+        _check_params_unchanged(out, params, shard_name(i))
         entry = writers.pop(i).close()
         a, b = i * cfg.cells_per_shard, min((i + 1) * cfg.cells_per_shard, len(joinids))
         record = {**entry, "skipped": skipped, "first_joinid": int(joinids[a]), "last_joinid": int(joinids[b - 1])}
@@ -244,10 +293,31 @@ def build_shards(source, vocab: GeneVocab, cfg: ShardBuildConfig, progress: bool
             raise
     bar.close()
     extra = {"labels": source.labels} if getattr(source, "labels", None) is not None else {}
-    return merge_manifest(out, params, n_shards, genes_unmatched, **extra)
+    return merge_manifest(out, params, n_shards, genes_unmatched, where=source.where, **extra)
 
 
-def merge_manifest(out: Path, params: dict, n_shards: int, genes_unmatched: int, **extra) -> dict | None:
+def nothing_left_message(where: str, filtered_cells: int, skipped: dict) -> str:
+    """Why a build kept no cell, with the filter counts."""
+    return (f"{where}: no cells left after filtering: all {filtered_cells} cells are empty "
+            f"(no vocab gene with a non-zero count; skipped {skipped.get('empty_cells', 0)} empty cells, "
+            f"{skipped.get('explicit_zeros', 0)} explicit zeros, {skipped.get('entries_not_in_vocab', 0)} "
+            f"entries and {skipped.get('genes_not_in_vocab', 0)} genes not in the vocab)")
+
+
+def _remove_build(out: Path, n_shards: int) -> None:
+    """Remove what a build that kept no cell wrote (empty shards, their records, build.json), so
+    that a corrected re-run into the same directory starts afresh."""
+    for i in range(n_shards):
+        (out / shard_name(i)).unlink(missing_ok=True)
+        _record_path(out, i).unlink(missing_ok=True)
+    (out / BUILD_PARAMS).unlink(missing_ok=True)
+
+
+def merge_manifest(out: Path, params: dict, n_shards: int, genes_unmatched: int, where: str | None = None,
+                   **extra) -> dict | None:
+    """The manifest once every shard's record is there (else None). A build that kept no cell at
+    all is refused (ValueError naming `where` and the filter counts) and leaves nothing behind:
+    an empty manifest would pass for a shard set and train on nothing."""
     records = []
     for i in range(n_shards):
         path = _record_path(out, i)
@@ -258,6 +328,10 @@ def merge_manifest(out: Path, params: dict, n_shards: int, genes_unmatched: int,
     for rec in records:
         for k, v in rec["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
+    if sum(r["cells"] for r in records) == 0:
+        _remove_build(out, n_shards)
+        raise ValueError(nothing_left_message(where or str(out), params["filtered_cells"], skipped)
+                         + f"; nothing written to {out}")
     entries = [{"name": r["name"], "cells": r["cells"], "sha256": r["sha256"]} for r in records]
     manifest = build_manifest(entries, params["vocab_sha256"], params["n_bins"], params["source"], skipped,
                               cells_per_shard=params["cells_per_shard"], block_size=params["block_size"],

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .h5ad import check_h5ad_path
 from .kernels import OK, coo_to_csr
 
 DEFAULT_OBS_FILTER = "tissue_general == 'kidney' and is_primary_data == True"
@@ -104,23 +105,34 @@ def coo_rows_to_csr(joinids: np.ndarray, dim0: np.ndarray, dim1: np.ndarray, dat
     return indptr, genes, values
 
 
+def _open_census(cfg: CensusSourceConfig, where: str):
+    """cellxgene_census.open_soma; a path that is no SOMA store (tiledbsoma's DoesNotExistError,
+    which names no path) or a store TileDB cannot read is a ValueError naming `where`."""
+    import cellxgene_census
+    import tiledbsoma as soma
+
+    try:
+        if cfg.uri is not None:
+            return cellxgene_census.open_soma(uri=str(cfg.uri),
+                                              tiledb_config={**LOCAL_TILEDB_CONFIG, **(cfg.tiledb_config or {})})
+        return cellxgene_census.open_soma(census_version=cfg.census_version,
+                                          tiledb_config={**READ_TILEDB_CONFIG, **(cfg.tiledb_config or {})})
+    except soma.DoesNotExistError:
+        raise ValueError(f"{where}: not a Census/SOMA store (no SOMA collection there)") from None
+    except (soma.SOMAError, OSError) as e:
+        raise ValueError(f"{where}: cannot open as a Census/SOMA store ({type(e).__name__}: {e})") from None
+
+
 class CensusSource:
     """A Census-shaped SOMA experiment, local or hosted. Use as a context manager."""
 
     def __init__(self, cfg: CensusSourceConfig):
-        import cellxgene_census
-
         cfg.validate()
         self.cfg = cfg
-        if cfg.uri is not None:
-            if "://" not in str(cfg.uri) and not Path(cfg.uri).exists():
-                raise FileNotFoundError(f"census store not found: {cfg.uri}")
-            self.census = cellxgene_census.open_soma(uri=str(cfg.uri),
-                                                     tiledb_config={**LOCAL_TILEDB_CONFIG, **(cfg.tiledb_config or {})})
-        else:
-            self.census = cellxgene_census.open_soma(census_version=cfg.census_version,
-                                                     tiledb_config={**READ_TILEDB_CONFIG, **(cfg.tiledb_config or {})})
         where = cfg.uri or f"Census {cfg.census_version}"
+        if cfg.uri is not None and "://" not in str(cfg.uri) and not Path(cfg.uri).exists():
+            raise FileNotFoundError(f"census store not found: {cfg.uri}")
+        self.census = _open_census(cfg, where)
         try:
             data = self.census["census_data"]
         except KeyError:
@@ -192,6 +204,29 @@ class CensusSource:
                              f"entry for gene {self.feature_ids[e.gene_index]}") from None
 
 
+# A label the obs column does not hold: NaN/None/pd.NA, or the text such a value becomes through
+# astype(str) or a categorical written from it (compared stripped and lower-cased).
+MISSING_LABEL_TEXT = frozenset({"", "nan", "none", "<na>"})
+
+
+def label_texts(column: pd.Series) -> list[str | None]:
+    """Each cell's label as text, None where it is missing (MISSING_LABEL_TEXT): a missing label is
+    unknown (-1), never a class of its own."""
+    return [None if missing or str(v).strip().lower() in MISSING_LABEL_TEXT else str(v)
+            for v, missing in zip(column.tolist(), column.isna().tolist())]
+
+
+def meta_texts(column: pd.Series) -> list[str]:
+    """A metadata column as text, '' where missing (as for a file without the column)."""
+    return ["" if v is None else v for v in label_texts(column)]
+
+
+def label_codes(labels: list[str | None], names: list[str]) -> np.ndarray:
+    """Index of each label in `names`; -1 for a missing one."""
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([-1 if v is None else index[v] for v in labels], dtype=np.int64)
+
+
 @dataclass
 class H5adSourceConfig:
     path: str
@@ -200,8 +235,7 @@ class H5adSourceConfig:
     raw_check: bool = True  # values must be integer counts (binning assumes raw counts)
 
     def validate(self) -> None:
-        if not Path(self.path).is_file():
-            raise FileNotFoundError(f"h5ad file not found: {self.path}")
+        check_h5ad_path(self.path)
 
     def describe(self) -> dict:
         return {"kind": "h5ad", "path": str(Path(self.path).name), "layer": self.layer or "X",
@@ -232,24 +266,17 @@ class H5adSource(_InMemoryRows):
     """An AnnData file as a cell source; joinids are row indices, labels from `label_key`."""
 
     def __init__(self, cfg: H5adSourceConfig):
-        import anndata
         import scipy.sparse as sp
+
+        from .h5ad import layer_matrix, layer_var, read_h5ad
 
         cfg.validate()
         self.cfg = cfg
         self.where = str(cfg.path)
-        adata = anndata.read_h5ad(cfg.path)
-        if cfg.layer is None:
-            matrix = adata.X
-        elif cfg.layer in adata.layers:
-            matrix = adata.layers[cfg.layer]
-        else:
-            raise ValueError(f"{cfg.path}: layer {cfg.layer!r} not found; layers: {sorted(adata.layers.keys())}")
-        if matrix is None:
-            raise ValueError(f"{cfg.path}: X is empty; pass --layer")
-        self.matrix = sp.csr_matrix(matrix, dtype=np.float32)
+        adata = read_h5ad(cfg.path)
+        var = layer_var(adata, cfg.layer, str(cfg.path))
+        self.matrix = sp.csr_matrix(layer_matrix(adata, cfg.layer, str(cfg.path)), dtype=np.float32)
         self.matrix.sort_indices()
-        var = adata.var
         id_col = next((c for c in ("feature_id", "gene_ids", "gene_id", "ensembl_id") if c in var.columns), None)
         name_col = next((c for c in ("feature_name", "gene_name", "gene_symbols", "gene_symbol") if c in var.columns), None)
         names = var[name_col].astype(str).tolist() if name_col else [str(x) for x in var.index]
@@ -257,20 +284,20 @@ class H5adSource(_InMemoryRows):
         self.feature_names = names
         obs = pd.DataFrame({"soma_joinid": np.arange(adata.n_obs, dtype=np.int64)})
         for col in META_COLUMNS:
-            obs[col] = adata.obs[col].astype(str).to_numpy() if col in adata.obs.columns else ""
+            obs[col] = meta_texts(adata.obs[col]) if col in adata.obs.columns else ""
         self.labels: list[str] | None = None
+        self.cells_without_label = 0
         if cfg.label_key is not None:
             if cfg.label_key not in adata.obs.columns:
                 raise ValueError(f"{cfg.path}: label key {cfg.label_key!r} not in obs; columns: {list(adata.obs.columns)}")
-            values = adata.obs[cfg.label_key].astype(str)
-            self.labels = sorted(values.unique().tolist())
-            index = {name: i for i, name in enumerate(self.labels)}
-            obs["label"] = values.map(index).astype(np.int64).to_numpy()
+            values = label_texts(adata.obs[cfg.label_key])
+            self.labels = sorted({v for v in values if v is not None})
+            self.cells_without_label = sum(v is None for v in values)
+            obs["label"] = label_codes(values, self.labels)
             if "cell_type" not in adata.obs.columns:
-                obs["cell_type"] = values.to_numpy()
+                obs["cell_type"] = ["" if v is None else v for v in values]
         self.obs = obs
         self.layer_is_raw = cfg.raw_check
-
 
 
 # --- several AnnData files as one source ------------------------------------------------------
@@ -336,8 +363,7 @@ class H5adFilesConfig:
         if not self.paths:
             raise ValueError("h5ad source: no files given")
         for path in self.paths:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"h5ad file not found: {path}")
+            check_h5ad_path(path)
         first: dict[str, str] = {}
         for path, stem in zip(self.paths, self.stems):
             if stem in first:
@@ -358,9 +384,15 @@ class H5adFilesConfig:
             raise FileNotFoundError(f"gene map not found: {self.gene_map}")
 
 
-def _file_genes_of(var: pd.DataFrame, path: str, stem: str, cfg: H5adFilesConfig):
+def _file_genes_of(adata, path: str, stem: str, cfg: H5adFilesConfig):
+    """The genes indexing the columns of the file's chosen layer (adata.raw.var for --layer raw)."""
     from .gene_ids import file_genes
+    from .h5ad import layer_var
 
+    layer = cfg.layer.for_stem(stem)
+    var = layer_var(adata, layer, str(path))
+    if len(var) == 0:
+        raise ValueError(f"{path}: no genes ({'adata.raw.var' if var is not adata.var else 'var'} is empty)")
     return file_genes(var, cfg.gene_key.for_stem(stem) or None, str(path))
 
 
@@ -372,16 +404,15 @@ def _gene_map_of(cfg: H5adFilesConfig):
 
 def h5ad_gene_union(cfg: H5adFilesConfig):
     """The files' genes in one scheme and their union (gene_ids.GeneUnion); reads var only."""
-    import anndata
-
     from .gene_ids import resolve_union
+    from .h5ad import read_h5ad
 
     cfg.validate()
     files = []
     for path, stem in zip(cfg.paths, cfg.stems):
-        adata = anndata.read_h5ad(path, backed="r")
+        adata = read_h5ad(path, backed="r")
         try:
-            files.append(_file_genes_of(adata.var, path, stem, cfg))
+            files.append(_file_genes_of(adata, path, stem, cfg))
         finally:
             adata.file.close()
     return resolve_union(files, cfg.gene_id_scheme, _gene_map_of(cfg))
@@ -390,17 +421,24 @@ def h5ad_gene_union(cfg: H5adFilesConfig):
 def _matrix_of(adata, layer: str | None, path: str):
     import scipy.sparse as sp
 
-    if not layer:
-        matrix = adata.X
-    elif layer in adata.layers:
-        matrix = adata.layers[layer]
-    else:
-        raise ValueError(f"{path}: layer {layer!r} not found; layers: {sorted(adata.layers.keys())}")
-    if matrix is None:
-        raise ValueError(f"{path}: X is empty; pass --layer")
-    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    from .h5ad import layer_matrix
+
+    matrix = sp.csr_matrix(layer_matrix(adata, layer, path), dtype=np.float32)
     matrix.sort_indices()
     return matrix
+
+
+def check_not_empty(matrix, path: str, layer: str | None) -> None:
+    """A file must give cells: refuse one without cells, or whose every cell is all zeros (the
+    build would drop them all and still report success)."""
+    n = matrix.shape[0]
+    if n == 0:
+        raise ValueError(f"{path}: no cells (obs is empty)")
+    rows = np.repeat(np.arange(n), np.diff(matrix.indptr))
+    expressed = len(np.unique(rows[matrix.data != 0]))
+    if expressed == 0:
+        raise ValueError(f"{path}: no cells left after filtering: all {n} cells are empty "
+                         f"(no non-zero value in {layer or 'X'})")
 
 
 def check_values(matrix, raw: bool, path: str, stem: str, cell_names: Sequence[str], first_joinid: int,
@@ -433,24 +471,31 @@ def _to_union_columns(matrix, columns: np.ndarray, n_union: int):
     return sp.csr_matrix((matrix.data[keep], new[keep], indptr), shape=(matrix.shape[0], n_union))
 
 
+def _raw_hint(adata, layer: str | None) -> str:
+    """For a non-integer X: say so when adata.raw holds the integer counts."""
+    from .h5ad import raw_holds_counts
+
+    return "; adata.raw holds integer counts: pass --layer raw" if not layer and raw_holds_counts(adata) else ""
+
+
 class H5adFilesSource(_InMemoryRows):
     """Several AnnData files as one cell source: cells of file 1, then file 2, ...; joinids are the
     global row index; dataset_id is the file stem; genes are the union (gene_ids.union_genes)."""
 
     def __init__(self, cfg: H5adFilesConfig):
-        import anndata
         import scipy.sparse as sp
 
         from .gene_ids import resolve_union
+        from .h5ad import read_h5ad, uses_raw
 
         cfg.validate()
         self.cfg = cfg
         self.where = "h5ad files " + ", ".join(str(p) for p in cfg.paths)
         adatas, files = [], []
         for path, stem in zip(cfg.paths, cfg.stems):
-            adata = anndata.read_h5ad(path)
+            adata = read_h5ad(path)
             adatas.append(adata)
-            files.append(_file_genes_of(adata.var, path, stem, cfg))
+            files.append(_file_genes_of(adata, path, stem, cfg))
         self.gene_map = _gene_map_of(cfg)
         self.genes = resolve_union(files, cfg.gene_id_scheme, self.gene_map)
         self.feature_ids = list(self.genes.feature_ids)
@@ -459,18 +504,26 @@ class H5adFilesSource(_InMemoryRows):
         self._file_info = []
         first_joinid = 0
         for adata, path, stem, genes, columns in zip(adatas, cfg.paths, cfg.stems, files, self.genes.columns):
-            matrix = _matrix_of(adata, cfg.layer.for_stem(stem), path)
-            check_values(matrix, cfg.raw_check_of(stem), str(path), stem, [str(x) for x in adata.obs_names],
-                         first_joinid, genes.keys)
+            layer = cfg.layer.for_stem(stem)
+            matrix = _matrix_of(adata, layer, path)
+            check_not_empty(matrix, str(path), layer)
+            try:
+                check_values(matrix, cfg.raw_check_of(stem), str(path), stem, [str(x) for x in adata.obs_names],
+                             first_joinid, genes.keys)
+            except ValueError as e:
+                raise ValueError(f"{e}{_raw_hint(adata, layer)}") from None
             columns = np.asarray(columns, dtype=np.int64)
             matrices.append(_to_union_columns(matrix, columns, len(self.feature_ids)))
             label_key, labels = self._labels_of(adata.obs, path, stem)
             label_values.append(labels)
             obs_parts.append(self._meta_of(adata.obs, stem, first_joinid, labels))
-            self._file_info.append({"path": Path(path).name, "dataset_id": stem, "cells": int(adata.n_obs),
-                                    "first_joinid": first_joinid, "layer": cfg.layer.for_stem(stem) or "X",
-                                    "label_key": label_key, "raw_check": cfg.raw_check_of(stem),
-                                    "genes_left_out": int((columns < 0).sum())})
+            info = {"path": Path(path).name, "dataset_id": stem, "cells": int(adata.n_obs),
+                    "first_joinid": first_joinid, "layer": "adata.raw" if uses_raw(adata, layer) else layer or "X",
+                    "label_key": label_key, "raw_check": cfg.raw_check_of(stem),
+                    "genes_left_out": int((columns < 0).sum())}
+            if cfg.label_key.given:  # counted, so a build says how many cells carry no label
+                info["cells_without_label"] = adata.n_obs if labels is None else sum(v is None for v in labels)
+            self._file_info.append(info)
             first_joinid += adata.n_obs
         self.matrix = sp.vstack(matrices, format="csr") if matrices else None
         self.obs = pd.concat(obs_parts, ignore_index=True)
@@ -478,10 +531,8 @@ class H5adFilesSource(_InMemoryRows):
         if cfg.label_key.given:
             # One label index over all files: the same name in two files is the same class.
             self.labels = sorted({v for part in label_values if part is not None for v in part if v is not None})
-            index = {name: i for i, name in enumerate(self.labels)}
             self.obs["label"] = np.concatenate(
-                [np.array([index.get(v, -1) if v is not None else -1 for v in part], dtype=np.int64)
-                 if part is not None else np.full(n, -1, np.int64)
+                [label_codes(part, self.labels) if part is not None else np.full(n, -1, np.int64)
                  for part, n in zip(label_values, (f["cells"] for f in self._file_info))])
         self.layer_is_raw = all(cfg.raw_check_of(s) for s in cfg.stems)
 
@@ -501,8 +552,7 @@ class H5adFilesSource(_InMemoryRows):
                 return None, None
             raise ValueError(f"{path}: label key {key!r} not in obs; columns: {list(obs.columns)} "
                              f"(give {stem}=KEY, {stem}= for no labels, or --allow-missing-labels)")
-        values = obs[key]
-        return key, [None if missing else str(v) for v, missing in zip(values.tolist(), values.isna().tolist())]
+        return key, label_texts(obs[key])
 
     @staticmethod
     def _meta_of(obs: pd.DataFrame, stem: str, first_joinid: int, labels: list | None) -> pd.DataFrame:
@@ -512,7 +562,7 @@ class H5adFilesSource(_InMemoryRows):
             if col == "dataset_id":
                 meta[col] = stem
             elif col in obs.columns:
-                meta[col] = obs[col].astype(str).to_numpy()
+                meta[col] = meta_texts(obs[col])
             elif col == "cell_type" and labels is not None:
                 meta[col] = ["" if v is None else v for v in labels]
             else:

@@ -28,6 +28,10 @@ from celljepa_dist.tokens import N_SPECIAL
 
 SHARD_FORMAT = "celljepa-shards/1"
 MANIFEST_NAME = "manifest.json"
+# What the shard-building job (build.py) leaves beside the shards, read back by validate_shards:
+# the settings and filtered cell count it built with, and one record per finished shard.
+BUILD_SETTINGS = "build.json"
+BUILD_PARTS_DIR = ".parts"
 ARRAY_FIELDS = {"offsets": np.int64, "genes": np.int32, "bins": np.uint8, "counts": np.float32, "joinids": np.int64}
 MEMBER_SUFFIXES = tuple(f"{k}.npy" for k in ARRAY_FIELDS) + ("meta.json",)
 
@@ -402,6 +406,36 @@ def build_manifest(shards: list[dict], vocab_sha256: str, n_bins: int, source: d
     return manifest
 
 
+def set_faults(shards_dir: Path, manifest: dict) -> list[str]:
+    """Faults of the shard set as a whole: no cells; tars the manifest does not list; fewer cells
+    or shards than the build (build.json, .parts/) made, i.e. a manifest edited after the build,
+    so that training would silently use fewer cells."""
+    faults = []
+    listed = {entry["name"] for entry in manifest["shards"]}
+    if manifest["total_cells"] == 0:
+        faults.append(f"{MANIFEST_NAME}: 0 cells in {len(listed)} shards (nothing to train on)")
+    for path in sorted(shards_dir.glob("*.tar")):
+        if path.name not in listed:
+            faults.append(f"{path.name}: in {shards_dir} but not listed in {MANIFEST_NAME}")
+    for record in sorted((shards_dir / BUILD_PARTS_DIR).glob("*.tar.json")):
+        name = record.name.removesuffix(".json")
+        if name not in listed:
+            faults.append(f"{name}: built (record {BUILD_PARTS_DIR}/{record.name}) but not listed in {MANIFEST_NAME}")
+    settings = shards_dir / BUILD_SETTINGS
+    if settings.exists():
+        built = read_json(settings, "build settings")
+        filtered, empty = int(built.get("filtered_cells", 0)), int(manifest["skipped"].get("empty_cells", 0))
+        if manifest["total_cells"] < filtered - empty:
+            faults.append(f"{MANIFEST_NAME}: total_cells {manifest['total_cells']} is below the build's "
+                          f"{filtered - empty} ({BUILD_SETTINGS}: {filtered} filtered cells - {empty} empty): "
+                          f"{filtered - empty - manifest['total_cells']} cells would not be trained on")
+        n_built = -(-filtered // built["cells_per_shard"]) if built.get("cells_per_shard") else None
+        if n_built is not None and len(manifest["shards"]) != n_built:
+            faults.append(f"{MANIFEST_NAME}: lists {len(manifest['shards'])} shards, the build ({BUILD_SETTINGS}) "
+                          f"made {n_built}")
+    return faults
+
+
 def validate_shards(shards_dir: str | os.PathLike, vocab_sha256: str | None = None,
                     vocab_size: int | None = None, n_special: int = N_SPECIAL) -> list[str]:
     """Check every shard against the manifest; returns faults (empty list: all good), each naming
@@ -411,7 +445,7 @@ def validate_shards(shards_dir: str | os.PathLike, vocab_sha256: str | None = No
         manifest = read_manifest(shards_dir)
     except (FileNotFoundError, ValueError) as e:
         return [str(e)]
-    faults = []
+    faults = set_faults(shards_dir, manifest)
     if vocab_sha256 is not None and manifest["vocab_sha256"] != vocab_sha256:
         faults.append(f"{MANIFEST_NAME}: vocab sha256 {manifest['vocab_sha256'][:12]}... differs from the vocab "
                       f"given ({vocab_sha256[:12]}...)")

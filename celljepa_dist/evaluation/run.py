@@ -16,6 +16,7 @@ from pathlib import Path
 import anndata as ad
 from tqdm import tqdm
 
+from celljepa_dist.data.h5ad import read_h5ad
 from celljepa_dist.evaluation.baselines import BASELINE_KEYS, compute_baseline
 from celljepa_dist.evaluation.metrics import (
     check_label_classes,
@@ -191,10 +192,7 @@ def evaluate_h5ad(cfg: EvaluationConfig) -> EvaluationOutput:
     cfg.validate()
     if cfg.mlflow_run_id is not None:
         check_mlflow_run(cfg.mlflow_run_id, cfg.resolved_tracking_uri())
-    try:
-        adata = ad.read_h5ad(cfg.h5ad)
-    except (OSError, KeyError) as e:
-        raise ValueError(f"cannot read h5ad {cfg.h5ad}: {e}") from None
+    adata = read_h5ad(cfg.h5ad)  # errors name the file: missing, a directory, truncated, not HDF5
     results = evaluate_embeddings(adata, cfg.label_key, cfg.embedding_keys, cfg.baseline, cfg.batch_key,
                                   source=cfg.h5ad)
     files = write_report(results, adata, cfg.label_key, cfg.out)

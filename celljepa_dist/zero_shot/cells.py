@@ -63,14 +63,11 @@ class TokenizedCells:
 # --- expression rows ---------------------------------------------------------------------------
 
 def expression_matrix(adata, layer: str | None, where: str):
-    """adata.X, or adata.layers[layer] with an error listing the layers when it is missing."""
-    if layer is None:
-        if adata.X is None:
-            raise ValueError(f"{where}: X is empty; pass --layer (layers: {sorted(adata.layers.keys())})")
-        return adata.X
-    if layer not in adata.layers:
-        raise ValueError(f"{where}: layer {layer!r} not found; layers: {sorted(adata.layers.keys())}")
-    return adata.layers[layer]
+    """adata.X, adata.layers[layer], or adata.raw.X for 'raw' (data/h5ad.py), with an error listing
+    the layers when it is missing. Its columns are `data.h5ad.layer_var(adata, layer, where)`."""
+    from celljepa_dist.data.h5ad import layer_matrix
+
+    return layer_matrix(adata, layer, where)
 
 
 def _row_source(matrix):

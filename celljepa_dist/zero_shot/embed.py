@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from celljepa_dist.data.binning import BINNING_RULE
+from celljepa_dist.data.h5ad import layer_var
 from celljepa_dist.data.vocab import GeneVocab
 
 from .cells import (
@@ -253,11 +254,12 @@ def embed_anndata(model_dir, adata, cfg: EmbeddingConfig = EmbeddingConfig(), wh
     """Every cell of `adata` (X or cfg.layer; raw counts or normalised) in input order."""
     cfg.validate()
     model = model or load_embedding_model(model_dir, cfg.encoder, cfg.device, cfg.attention_backend)
-    match = match_dataset_genes(model.vocab, adata.var, cfg.gene_key, cfg.min_vocab_fraction, where)
-    labels, _ = gene_labels(adata.var, cfg.gene_key, where)
+    var = layer_var(adata, cfg.layer, where)  # adata.raw.var for --layer raw: the genes of adata.raw.X
+    match = match_dataset_genes(model.vocab, var, cfg.gene_key, cfg.min_vocab_fraction, where)
+    labels, _ = gene_labels(var, cfg.gene_key, where)
     matrix = expression_matrix(adata, cfg.layer, where)
-    if matrix.shape != (adata.n_obs, adata.n_vars):
-        raise ValueError(f"{where}: matrix shape {matrix.shape} differs from n_obs x n_vars = {adata.n_obs} x {adata.n_vars}")
+    if matrix.shape != (adata.n_obs, len(var)):
+        raise ValueError(f"{where}: matrix shape {matrix.shape} differs from n_obs x n_vars = {adata.n_obs} x {len(var)}")
     obs_names = adata.obs_names
     per_cell = matched_genes_per_cell(matrix, match.tokens, obs_names, labels, where)
     check_no_empty_cells(per_cell, obs_names, where)
