@@ -151,10 +151,34 @@ def prepare(dest: Path = DEFAULT_DEST, dry_run: bool = False) -> dict | None:
     return manifest
 
 
+def with_requirements(names) -> set[str]:
+    """`names` and, recursively, what their versions installed here require (extras left out):
+    the image's packages were installed with their dependencies, even those its list omits."""
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), [normalize(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(normalize(req.name))
+    return seen
+
+
 def blocked_imports(allowed=None) -> list[str]:
     """Top-level modules installed here whose distributions are all absent from the GPU machine
-    (neither in its image nor carried): importing one there would fail."""
-    allowed = {normalize(n) for n in (DEVICE_PACKAGES | set(WHEELS) if allowed is None else allowed)}
+    (neither in its image, nor required by it, nor carried): importing one there would fail.
+    Carried wheels are installed without their dependencies, so only the image's are followed."""
+    allowed = with_requirements(DEVICE_PACKAGES) | {normalize(n) for n in WHEELS} if allowed is None else \
+        {normalize(n) for n in allowed}
     allowed.add("celljepa-dist")  # the project travels as the working tree
     return sorted(mod for mod, dists in metadata.packages_distributions().items()
                   if not any(normalize(d) in allowed for d in dists))
