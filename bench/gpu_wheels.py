@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -143,6 +144,7 @@ def prepare(dest: Path = DEFAULT_DEST, dry_run: bool = False) -> dict | None:
             subprocess.run(cmd, check=True)
     if dry_run:
         return None
+    shutil.rmtree(dest / "sdist", ignore_errors=True)  # built into its wheel; it would only travel
     manifest = check_wheels(dest, versions)
     from celljepa_dist.atomic import atomic_write_text
 
