@@ -210,7 +210,7 @@ def test_backend_matches_reference_at_paper_shape_on_gpu(backend, dtype):
     """d=512, 8 heads, L=601, 15% masked: forward and every gradient against `reference` run in
     fp32 on the same (dtype-rounded) weights and inputs. flash runs the aten pair (bf16 inside)."""
     torch.manual_seed(0)
-    b = random_batch(GPU_LENGTHS, vocab_size=100, mask_ratio=0.15, seed=11, fully_masked=GPU_FULLY_MASKED,
+    b = random_batch(GPU_LENGTHS, vocab_size=1000, mask_ratio=0.15, seed=11, fully_masked=GPU_FULLY_MASKED,
                      unmasked=GPU_UNMASKED)
     pad, vm = b["padding_mask"].cuda(), b["value_mask"].cuda()
     assert not vm[GPU_UNMASKED].any() and vm.any()
