@@ -9,22 +9,23 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
+WHEELS=${GPU_CHECK_WHEELS:-gpu_wheels}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
 # The packages the image lacks, installed beside it (never over it): --target + PYTHONPATH.
-if compgen -G "gpu_wheels/*.whl" > /dev/null; then
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
     if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-            gpu_wheels/*.whl > "$OUT/install.log" 2>&1; then
+            "$WHEELS"/*.whl > "$OUT/install.log" 2>&1; then
         echo "gpu_check: installing gpu_wheels/ failed (install.log); the stages that need them will fail" >&2
     fi
 else
-    echo "no gpu_wheels/*.whl: run 'python bench/gpu_wheels.py' where the package index is reachable" \
+    echo "no $WHEELS/*.whl: run 'python bench/gpu_wheels.py' where the package index is reachable" \
         > "$OUT/install.log"
 fi
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/install.log" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/install.log" 2>&1 || true
 
 LEFT=$(( BUDGET_S - ($(date +%s) - START) ))
 exec "$PY" bench/gpu_check.py run --out "$OUT" --budget-s "$LEFT" "$@"

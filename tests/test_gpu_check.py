@@ -242,3 +242,18 @@ def test_cpu_rehearsal_of_shards_training_and_kill_resume_without_what_the_gpu_l
     assert "resumed from" in log and "not on the GPU machine" not in log
     md = (out / "gpu_check.md").read_text()
     assert "| 1 | ok |" in md and f"| {resume['killed_at']} | [4] | 12 | True | 0 |" in md
+
+
+def test_shell_entry_point_dry_run_reports_missing_wheels_and_writes_the_report(tmp_path):
+    """bench/gpu_check.sh as the device call runs it, minus the wheels (an empty folder here)."""
+    out, empty = tmp_path / "out", tmp_path / "no_wheels"
+    empty.mkdir()
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WHEELS": str(empty), "PYTHON": sys.executable,
+           "GPU_CHECK_BUDGET_S": "300"}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--work", str(tmp_path / "work")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run 'python bench/gpu_wheels.py'" in (out / "install.log").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert 250 < results["budget_s"] <= 300  # what the install left of the budget
+    assert len(list(out.iterdir())) <= gpu_check.MAX_OUT_FILES
