@@ -17,7 +17,7 @@ The log-sum-exp's layout is the kernel's: [H, total_q] in the varlen builds of r
 varlen calls, and `torch.nn.attention.varlen.varlen_attn` documents [total_q, H]. The pair below
 hands the merge the canonical [H, total_q] (as flash-attn's and the pure-PyTorch pair do) whatever
 the build returns, and gives the backward the layout its forward produced (`LseLayout`).
-`docs/gpu.md` lists what only a GPU can confirm; `bench/gpu_check.py probe` prints it.
+`docs/gpu.md` lists what only a GPU can confirm; `bench/gpu_probe.py` prints it there.
 """
 from __future__ import annotations
 

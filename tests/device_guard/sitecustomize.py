@@ -1,3 +1,7 @@
+"""Loaded by Python at start when this folder is on PYTHONPATH (tests/test_gpu_check.py): refuses
+the top-level modules named in $CELLJEPA_BLOCKED_IMPORTS (bench/gpu_wheels.blocked_imports: what
+the GPU machine neither has nor gets carried), in this process and every child it starts, so a CPU
+run shows that the device-side steps import nothing missing there."""
 import os
 import sys
 from importlib.machinery import PathFinder
