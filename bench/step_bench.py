@@ -5,12 +5,14 @@ on every position, per-parameter EMA loop).
 
     python bench/step_bench.py                      # CPU: 4 blocks, d=256, B=16, L=601
     python bench/step_bench.py --device cuda        # + attention per backend, paper-size MFU
+    python bench/step_bench.py --device cuda --skip-cpu-step --json out.json   # GPU figures only
 
 Last line: `step_bench cells_per_s=<x> ratio_vs_naive=<y>`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -205,17 +207,24 @@ def cpu_step_bench(args):
 # ---- GPU figures -----------------------------------------------------------------------------------
 
 
-def attention_bench(args, device):
-    """fwd+bwd of one attention layer per backend at B=64, L=601, bf16."""
+# (label, attention backend, flash kernel pair): the flash backend once per CUDA kernel pair.
+ATTENTION_VARIANTS = (("reference", "reference", None), ("sdpa", "sdpa", None), ("flex", "flex", None),
+                      ("flash/aten", "flash", "aten"), ("flash/flash_attn", "flash", "flash_attn"))
+
+
+def attention_bench(args, device) -> dict:
+    """fwd+bwd of one attention layer per backend at B=64, L=601, bf16. Returns {label: median ms
+    or the reason it could not run}."""
     torch.manual_seed(0)
     d, heads = 512, 8
     batch = random_batch(bench_lengths(args.attn_batch, args.attn_len), vocab_size=1000, mask_ratio=0.15)
     pad, vm = batch["padding_mask"].to(device), batch["value_mask"].to(device)
     attn = KnownUnknownAttention(d, heads).to(device, torch.bfloat16)
     print(f"attention fwd+bwd, B={args.attn_batch} L={args.attn_len} d={d} heads={heads} bf16, 15% masked")
-    for backend in ("reference", "sdpa", "flex", "flash"):
+    results = {}
+    for label, backend, kernel in ATTENTION_VARIANTS:
         try:
-            kernels = resolve_kernels("flash_attn", device) if backend == "flash" else None
+            kernels = resolve_kernels(kernel, device) if backend == "flash" else None
             mask = build_attention_mask(backend, pad, vm, kernels)
             x = torch.randn(*pad.shape, d, device=device, dtype=torch.bfloat16, requires_grad=True)
             inp = x.reshape(-1, d)[mask.layout.token_idx] if backend == "flash" else x
@@ -232,9 +241,12 @@ def attention_bench(args, device):
                 run()
                 sync(device)
                 times.append(time.perf_counter() - t)
-            print(f"  {backend:>9}: {1e3 * statistics.median(times):8.2f} ms")
+            results[label] = 1e3 * statistics.median(times)
+            print(f"  {label:>16}: {results[label]:8.2f} ms")
         except Exception as err:  # a missing kernel must not hide the others' figures
-            print(f"  {backend:>9}: unavailable ({type(err).__name__}: {str(err)[:100]})")
+            results[label] = f"unavailable ({type(err).__name__}: {str(err)[:100]})"
+            print(f"  {label:>16}: {results[label]}")
+    return results
 
 
 def step_flops_per_cell(cfg: ModelConfig, seq_len: int) -> float:
@@ -246,9 +258,10 @@ def step_flops_per_cell(cfg: ModelConfig, seq_len: int) -> float:
     return 4.0 * fwd
 
 
-def gpu_paper_step(args, device):
+def gpu_paper_step(args, device) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=args.vocab_size, attention_backend=args.gpu_backend, flash_kernel="auto")
+    kernel = resolve_kernels(cfg.flash_kernel, device).name if cfg.attention_backend == "flash" else None
     batch = random_batch([601] * args.gpu_batch, vocab_size=cfg.vocab_size, mask_ratio=0.15)
     batch = {k: v.to(device) for k, v in batch.items()}
     model = CellJEPA(cfg).to(device)
@@ -261,11 +274,16 @@ def gpu_paper_step(args, device):
 
     for _ in range(3):
         bf16_step(batch)
+    torch.cuda.reset_peak_memory_stats(device)
     med = statistics.median(time_steps(bf16_step, batch, 10, device))
     cells = args.gpu_batch / med
     mfu = cells * step_flops_per_cell(cfg, 601) / (args.peak_tflops * 1e12)
-    print(f"paper-size step ({cfg.attention_backend}, bf16 autocast, B={args.gpu_batch}, L=601): "
-          f"{cells:.0f} cells/s, MFU {100 * mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    name = cfg.attention_backend + (f"/{kernel}" if kernel else "")
+    print(f"paper-size step ({name}, bf16 autocast, B={args.gpu_batch}, L=601): "
+          f"{cells:.0f} cells/s, MFU {100 * mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s, peak {peak_mb:.0f} MiB")
+    return {"backend": name, "batch": args.gpu_batch, "step_s": med, "cells_per_s": cells, "mfu": mfu,
+            "peak_tflops": args.peak_tflops, "peak_memory_mb": peak_mb}
 
 
 def main():
@@ -284,16 +302,28 @@ def main():
     parser.add_argument("--attn-batch", type=int, default=64)
     parser.add_argument("--attn-len", type=int, default=601)
     parser.add_argument("--gpu-batch", type=int, default=64)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100/H200 SXM: 989)")
+    parser.add_argument("--skip-cpu-step", action="store_true",
+                        help="with --device cuda: only the GPU figures (no CPU step against the naive baseline)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    results = {"device": args.device, "torch": torch.__version__}
     if args.device == "cuda":
         device = torch.device("cuda")
-        attention_bench(args, device)
-        gpu_paper_step(args, device)
-    cells_per_s, ratio = cpu_step_bench(args)
-    print(f"step_bench cells_per_s={cells_per_s:.2f} ratio_vs_naive={ratio:.2f}")
+        results["gpu_name"] = torch.cuda.get_device_name(device)
+        results["attention_ms"] = attention_bench(args, device)
+        results["paper_step"] = gpu_paper_step(args, device)
+    if not (args.device == "cuda" and args.skip_cpu_step):
+        cells_per_s, ratio = cpu_step_bench(args)
+        results["cpu_step"] = {"cells_per_s": cells_per_s, "ratio_vs_naive": ratio}
+    if args.json:
+        from celljepa_dist.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2))
+    if "cpu_step" in results:
+        print(f"step_bench cells_per_s={cells_per_s:.2f} ratio_vs_naive={ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from celljepa_dist.tokens import N_SPECIAL
 from celljepa_dist.typed_config import ConfigError, check_choices, from_dict, invalid
 
 AttentionBackend = Literal["reference", "sdpa", "flex", "flash"]
-FlashKernel = Literal["auto", "flash_attn", "torch"]
+FlashKernel = Literal["auto", "flash_attn", "aten", "torch"]
 NormStyle = Literal["post", "pre"]
 ValueEncoder = Literal["continuous", "category"]
 Objective = Literal["celljepa", "scgpt"]
@@ -55,7 +55,9 @@ class ModelConfig:
     norm_style: NormStyle = "post"  # scGPT uses post-norm (nn.TransformerEncoderLayer default)
     layer_norm_eps: float = 1e-5
     attention_backend: AttentionBackend = "sdpa"
-    flash_kernel: FlashKernel = "auto"  # varlen kernel of the flash backend: flash_attn on CUDA, torch = pure PyTorch
+    # Varlen kernel pair of the flash backend (flash_varlen.select_flash_kernel): auto = flash-attn 2
+    # on CUDA when installed, else PyTorch's own FlashAttention-2 ops (aten), pure PyTorch (torch) on CPU.
+    flash_kernel: FlashKernel = "auto"
     value_encoder: ValueEncoder = "continuous"
     n_bins: int = 51
     max_value: float = 512.0  # scGPT clamps continuous input values to this

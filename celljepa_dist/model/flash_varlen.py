@@ -8,9 +8,11 @@ Function: the kernel's backward is called with the *merged* out and lse (which m
 probabilities and its rowsum(dout * out) term those of the full softmax), and the self term's
 gradient is added by hand.
 
-The kernel pair is injected (`VarlenKernels`): flash-attn 2's private varlen forward/backward on
-CUDA, or `torch_varlen_forward/backward` below, a pure-PyTorch implementation with the same
-signatures and semantics, so the merge and the autograd Function run for real in CPU tests.
+The kernel pair is injected (`VarlenKernels`, chosen by `ModelConfig.flash_kernel` through
+`select_flash_kernel`): flash-attn 2's private varlen forward/backward on CUDA, PyTorch's own
+FlashAttention-2 aten ops on CUDA (`aten_varlen.py`: no extra package), or
+`torch_varlen_forward/backward` below, a pure-PyTorch implementation with the same signatures and
+semantics, so the merge and the autograd Function run for real in CPU tests.
 Signatures follow flash-attn 2.7/2.8 `flash_attn/flash_attn_interface.py`:
   _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       dropout_p, softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
@@ -23,10 +25,14 @@ Signatures follow flash-attn 2.7/2.8 `flash_attn/flash_attn_interface.py`:
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from .config import FLASH_KERNELS
 
 
 @dataclass(frozen=True)
@@ -149,24 +155,89 @@ def torch_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlen
 TORCH_KERNELS = VarlenKernels(torch_varlen_forward, torch_varlen_backward, "torch", low_precision_only=False)
 
 
+FLASH_ATTN_MISSING = ("flash_kernel='flash_attn' needs flash-attn 2 (pip install 'celljepa-dist[gpu]') and CUDA; "
+                      "use flash_kernel='auto' (PyTorch's own aten kernels on CUDA), 'torch' for the pure-PyTorch "
+                      "varlen kernel, or another backend")
+
+
 def flash_attn_kernels() -> VarlenKernels:
     try:
         from flash_attn import flash_attn_interface as fai
     except ImportError as err:
-        raise RuntimeError(
-            "attention_backend='flash' needs flash-attn 2 (pip install 'celljepa-dist[gpu]') and CUDA; "
-            "use flash_kernel='torch' for the pure-PyTorch varlen kernel, or another backend"
-        ) from err
+        raise RuntimeError(FLASH_ATTN_MISSING) from err
     # The torch.ops-wrapped variants exist from 2.7 on; older releases expose the plain functions.
     fwd = getattr(fai, "_wrapped_flash_attn_varlen_forward", fai._flash_attn_varlen_forward)
     bwd = getattr(fai, "_wrapped_flash_attn_varlen_backward", fai._flash_attn_varlen_backward)
     return VarlenKernels(fwd, bwd, "flash_attn", low_precision_only=True)
 
 
+def aten_kernels() -> VarlenKernels:
+    """PyTorch's FlashAttention-2 varlen ops (aten_varlen.py); refuses a build whose schema moved."""
+    from .aten_varlen import aten_varlen_backward, aten_varlen_forward, check_aten_schema
+
+    check_aten_schema()
+    return VarlenKernels(aten_varlen_forward, aten_varlen_backward, "aten", low_precision_only=True)
+
+
+def select_flash_kernel(requested: str, device_type: str, has_flash_attn: bool, has_aten: bool) -> str:
+    """Which varlen kernel pair the flash backend runs (pure): `requested` is ModelConfig.flash_kernel.
+
+    auto: on CUDA flash-attn 2 when installed (the package the user asked for by installing it),
+    else PyTorch's own aten flash kernels, else the pure-PyTorch pair; elsewhere the pure-PyTorch
+    pair (the CUDA kernels do not run there). An explicit choice is honoured or refused, never
+    swapped for another."""
+    if requested == "torch":
+        return "torch"
+    if requested not in FLASH_KERNELS:
+        raise ValueError(f"flash_kernel={requested!r}: expected one of {', '.join(FLASH_KERNELS)}")
+    if device_type != "cuda":
+        if requested == "auto":
+            return "torch"
+        raise RuntimeError(f"flash_kernel={requested!r} runs on CUDA only, the model is on {device_type!r}: "
+                           "use flash_kernel='auto' or 'torch'")
+    if requested == "flash_attn" or (requested == "auto" and has_flash_attn):
+        if not has_flash_attn:
+            raise RuntimeError(FLASH_ATTN_MISSING)
+        return "flash_attn"
+    if has_aten:
+        return "aten"
+    if requested == "aten":
+        raise RuntimeError("flash_kernel='aten': this PyTorch build has no usable FlashAttention-2 kernels "
+                           f"(torch {torch.__version__}; they need an sm80+ GPU): use flash_kernel='torch'")
+    return "torch"
+
+
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def aten_flash_available(device: torch.device) -> bool:
+    """PyTorch's flash ops can run here: a CUDA build with them, an sm80+ device."""
+    if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return False
+    built = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    return bool(built()) and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(requested: str, device_type: str, device_index) -> VarlenKernels:
+    on_cuda = device_type == "cuda"
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    name = select_flash_kernel(requested, device_type, on_cuda and flash_attn_installed(),
+                               on_cuda and aten_flash_available(device))
+    if name == "torch" and requested == "auto" and on_cuda:
+        warnings.warn("flash backend on CUDA without flash-attn or PyTorch's flash kernels: using the pure-PyTorch "
+                      "varlen kernel (correct, slow, memory ~ B*H*L^2)", stacklevel=3)
+    return {"torch": lambda: TORCH_KERNELS, "aten": aten_kernels, "flash_attn": flash_attn_kernels}[name]()
+
+
 def resolve_kernels(choice: str, device: torch.device) -> VarlenKernels:
-    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
-        return TORCH_KERNELS
-    return flash_attn_kernels()
+    """The kernel pair for `ModelConfig.flash_kernel` on `device` (`select_flash_kernel`); probed
+    once per (choice, device): the encoder asks for every batch."""
+    device = torch.device(device)
+    return _resolve(choice, device.type, device.index)
 
 
 # ---- the merge and its autograd Function --------------------------------------------------------
