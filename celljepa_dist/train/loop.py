@@ -354,8 +354,8 @@ def micro_step(tr: Trainer, batch: dict, micro: int) -> torch.Tensor:
     bad_terms = [n for n, v in zip(tr.terms, terms[:-1]) if not math.isfinite(v)]
     if bad_terms and cfg.nonfinite_policy == "stop":
         raise NonFiniteError(
-            f"non-finite {', '.join(bad_terms)} at {step_label(state.step)} (epoch {state.epoch}, batch "
-            f"{state.batches_done}); stopped before the optimiser step; last committed checkpoint: {tr.last_commit()}")
+            f"non-finite {', '.join(bad_terms)} at {step_label(state.step)}, epoch {state.epoch}, batch "
+            f"{state.batches_done}; stopped before the optimiser step; last committed checkpoint: {tr.last_commit()}")
     tr.engine.backward(losses["loss"])
     return terms
 
