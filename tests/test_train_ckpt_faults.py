@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
 import subprocess
 from pathlib import Path
@@ -118,6 +119,10 @@ CORRUPT_SETS = ["epochs=1", "max_steps=6", "data.batch_size=8", "checkpoint.ever
                 "deterministic=true", "deepspeed.zero_stage=1"]
 
 
+def _resumed_from(out: str) -> str:
+    return Path(re.search(r"^resumed from (\S+) at step", out, re.M).group(1)).name
+
+
 def _losses(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
 
@@ -139,7 +144,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_intact_one(tiny_shards, tmp
     engine_file.write_bytes(engine_file.read_bytes()[: engine_file.stat().st_size // 2])
     out = _ok(_launch(run_dir, shards, vocab, CORRUPT_SETS, ["--resume", "auto"], ranks=2))
     assert "WARNING: checkpoint step_00000006: engine/engine/mp_rank_00_model_states.pt: size mismatch" in out
-    assert "resumed from" in out and "step_00000003" in out.split("resumed from")[1].splitlines()[0]
+    assert _resumed_from(out) == "step_00000003"
     assert _losses(run_dir) == reference  # steps 4-6 recomputed bit for bit
     assert _committed(run_dir) == ["step_00000003", "step_00000006"]
 
@@ -149,7 +154,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_intact_one(tiny_shards, tmp
     rank1_file.write_bytes(bytes(data))
     out = _ok(_launch(run_dir, shards, vocab, CORRUPT_SETS, ["--resume", "auto"], ranks=2))
     assert "WARNING: checkpoint step_00000006: rank_1.pt: checksum mismatch (expected sha256" in out
-    assert "step_00000003" in out.split("resumed from")[1].splitlines()[0]
+    assert _resumed_from(out) == "step_00000003"
     assert _losses(run_dir) == reference
 
     # A named corrupt checkpoint: an error naming the file, nothing trained.

@@ -110,7 +110,7 @@ def resolve_verified_resume(root: Path, spec: str, rank: int = 0, world_size: in
                               f"(--resume auto takes the newest intact one)")
         rejected.append(report)
         if rank == 0:
-            print(f"WARNING: {'!' * 70}\nWARNING: {report}\nWARNING: {d} is corrupt and is NOT resumed from; "
+            print(f"WARNING: {'!' * 70}\nWARNING: {report}\nWARNING: {d} is corrupt: skipped, "
                   f"trying the next older committed checkpoint. It stays on disk for inspection; the run "
                   f"replaces it when it saves that step again.\nWARNING: {'!' * 70}", flush=True)
     raise ResumeError(f"--resume auto: no intact committed checkpoint under {root} (refusing a silent fresh "
