@@ -9,6 +9,7 @@ stage, any world size.
   parameter order). ZeRO-3 pads every parameter to a multiple of the world size and gives rank r
   the r-th equal slice, so concatenating the slices in rank order and cutting at numel is the
   parameter (`consolidate_zero3`).
+* The files are checked against the checksums recorded at commit first (when it recorded them).
 * Model config, vocab hash and tokenisation come from the checkpoint's `train_state.json`
   (`model`, `vocab_sha256`, `data`); the vocab file is the run's `vocab.json`, checked by hash.
 """
@@ -27,6 +28,7 @@ from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.model.pretrained import save_pretrained
 from celljepa_dist.tokens import accept_legacy_token_keys
 from celljepa_dist.train.checkpoint import COMMIT_MARKER, ENGINE_TAG
+from celljepa_dist.train.checksums import CHECKSUMS_FILE, file_digest, verify_share
 
 MODEL_DIR_NAME = "model"  # RUN_DIR/model/: where pre-training leaves its export
 
@@ -45,10 +47,40 @@ class ExportResult:
     student_weights: str  # where the student's weights came from (fp32 master or module)
 
 
+def verify_checksums(ckpt_dir: Path) -> None:
+    """Every file against the checksums recorded at commit (checkpoints written before them: not
+    checked). Reads the checkpoint once more; an export must not publish corrupt weights."""
+    problems = verify_share(ckpt_dir)
+    if problems:
+        raise ExportError(f"checkpoint {ckpt_dir}: corrupt: {'; '.join(problems)}. Export another committed "
+                          "checkpoint of the run (its checkpoints/step_N directories)")
+
+
+def checkpoint_identity(ckpt_dir: Path) -> str | None:
+    """sha256 of the checkpoint's CHECKSUMS.json: names its exact content (a later save of the same
+    step has another), so a model dir can tell which commit it was exported from. None for
+    checkpoints written before checksums."""
+    manifest = ckpt_dir / CHECKSUMS_FILE
+    return file_digest(manifest) if manifest.is_file() else None
+
+
+def exported_from(model_dir: Path, ckpt_dir: Path) -> bool:
+    """`model_dir` is already the complete export of this very commit of `ckpt_dir` (config.json
+    is written last by save_pretrained; the identity tells two saves of one step apart)."""
+    identity = checkpoint_identity(ckpt_dir)
+    try:
+        source = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("source") or {}
+    except (OSError, ValueError):
+        return False
+    return (identity is not None and source.get("checksums_sha256") == identity
+            and source.get("checkpoint") == str(ckpt_dir.resolve()))
+
+
 def read_train_state(ckpt_dir: Path) -> dict:
     if not (ckpt_dir / COMMIT_MARKER).exists():
         raise ExportError(f"{ckpt_dir}: not a committed checkpoint (no {COMMIT_MARKER}); "
                           "pass a run's checkpoints/step_N directory")
+    verify_checksums(ckpt_dir)
     path = ckpt_dir / "train_state.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -183,7 +215,8 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, vocab_path: Opt
                      f"{ckpt_dir / 'teacher'}")
     zero_stage = int(state.get("zero_stage", -1))
     source = {"checkpoint": str(ckpt_dir.resolve()), "step": state["step"], "objective": state.get("objective"),
-              "zero_stage": zero_stage, "world_size": state["world_size"], "student_weights": student_weights}
+              "zero_stage": zero_stage, "world_size": state["world_size"], "student_weights": student_weights,
+              "checksums_sha256": checkpoint_identity(ckpt_dir)}
     save_pretrained(model, out_dir, vocab_path=vocab_path, teacher=teacher, data=state.get("data"), source=source)
     return ExportResult(Path(out_dir), state["step"], zero_stage, state["world_size"], teacher is not None,
                         student_weights)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -166,14 +167,31 @@ class MlflowTracker(NullTracker):
 
     def log_final(self, metrics: dict[str, float]) -> None:
         """`final/<name>` for each metric (e.g. the last step's losses), at step 0: one value per run
-        under a name that does not depend on how long the run was."""
+        under a name that does not depend on how long the run was. Values the run already holds are
+        not logged again: a finished run resumed once more adds no point."""
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[self._metric_cls(f"{FINAL_PREFIX}{k}", float(v), now, 0)
-                                                    for k, v in metrics.items()])
+        held = self.client.get_run(self.run_id).data.metrics
+        fresh = {f"{FINAL_PREFIX}{k}": float(v) for k, v in metrics.items()}
+        self.client.log_batch(self.run_id, metrics=[self._metric_cls(k, v, now, 0) for k, v in fresh.items()
+                                                    if held.get(k) != v])
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def finish_failed(tracker) -> None:
+    """Mark the run FAILED after the error that stopped it. Metrics past the last commit are dropped
+    (a resume recomputes them). A failure of MLflow itself here (often the same full disk, as
+    "database or disk is full") is a warning: it must never replace the error that stopped the run."""
+    stopped_by = sys.exc_info()[1]  # called from an except block: the error that stopped the run
+    tracker.drop_pending()
+    try:
+        tracker.finish("FAILED")
+    except Exception as err:
+        cause = f"{type(stopped_by).__name__}: {stopped_by}" if stopped_by is not None else "an error"
+        print(f"WARNING: the run stopped on {cause}. Marking its MLflow run FAILED then failed too "
+              f"({type(err).__name__}: {err}); the traceback of the first error follows", file=sys.stderr, flush=True)
 
 
 def make_tracker(cfg: TrackingConfig, run_dir, rank: int, tags: dict[str, str], resume: bool,

@@ -45,7 +45,7 @@ def finish_run(result):
     """Rank 0, after every rank is done: export the final checkpoint to RUN_DIR/model/ (the
     offline path `launch/export.py` takes too, so both give the same files). Returns (checkpoint,
     model dir)."""
-    from celljepa_dist.export import MODEL_DIR_NAME, export_checkpoint
+    from celljepa_dist.export import MODEL_DIR_NAME, export_checkpoint, exported_from
     from celljepa_dist.train.checkpoint import committed_checkpoints
 
     # A resume that found the run already finished commits nothing new: its newest commit is final.
@@ -54,7 +54,8 @@ def finish_run(result):
     if last is None:
         return None, None
     model_dir = Path(result.run_dir) / MODEL_DIR_NAME
-    export_checkpoint(last, model_dir)
+    if not exported_from(model_dir, last):  # a finished run resumed again: its export stands
+        export_checkpoint(last, model_dir)
     return last, model_dir
 
 

@@ -6,13 +6,14 @@
 * SIGKILL inside a save (after every rank wrote its files, before the commit marker): the resume
   starts from the previous committed checkpoint.
 * Resume requested with nothing committed: an error, never a silent fresh start.
-* A non-finite loss stops the run before the optimiser step, naming the step, with the
-  committed checkpoints intact.
+* A non-finite loss stops the run before the optimiser step, naming the step as losses.jsonl
+  numbers it, with the committed checkpoints intact.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -239,7 +240,10 @@ def test_nonfinite_loss_stops_before_the_step_with_checkpoints_intact(fault_setu
     proc = run_job(_cmd(config, run_dir, shards, vocab, sets))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "non-finite" in out and "at step 1" in out and "stopped before the optimiser step" in out
+    assert "non-finite" in out and "stopped before the optimiser step" in out
+    # The step is numbered as losses.jsonl numbers steps: the one after the last logged.
+    failed_at = int(re.search(r"non-finite \S+.* at step (\d+) \(numbered as in losses.jsonl", out).group(1))
+    assert [r["step"] for r in _losses(run_dir)] == [1] and failed_at == 2
     committed = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("*/COMMITTED"))
     assert committed == ["step_00000001"]
     state = json.loads((run_dir / "checkpoints" / "step_00000001" / "train_state.json").read_text())

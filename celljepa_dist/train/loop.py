@@ -28,12 +28,24 @@ import torch.distributed as dist
 from celljepa_dist.atomic import atomic_write_text
 from celljepa_dist.config import TrainConfig, flatten, save_config
 from celljepa_dist.model import momentum_at
-from celljepa_dist.tracking import default_run_name, git_sha, make_tracker
-from celljepa_dist.train.checkpoint import CheckpointManager, ResumeError, committed_checkpoints, resolve_resume
+from celljepa_dist.tracking import default_run_name, finish_failed, git_sha, make_tracker
+from celljepa_dist.train.checkpoint import (
+    CheckpointManager,
+    ResumeError,
+    committed_checkpoints,
+    resolve_verified_resume,
+)
 from celljepa_dist.train.engine import DistInfo, build_ds_config, init_distributed, initialize_engine
 from celljepa_dist.train.health_probe import HEALTH_LOG, HealthMonitor
 from celljepa_dist.train.pretrain_task import PretrainTask
-from celljepa_dist.train.state import TrainState, config_fingerprint, describe_differences, fingerprint_differences
+from celljepa_dist.train.state import (
+    TrainState,
+    config_fingerprint,
+    describe_differences,
+    fingerprint_differences,
+    planned_total_steps,
+    shape_change_refusal,
+)
 from celljepa_dist.train.task import Prepared, Task
 from celljepa_dist.train.teacher import Teacher
 
@@ -43,6 +55,12 @@ PROGRESS_FILE = "progress.json"
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def step_label(steps_done: int) -> str:
+    """The step being computed as errors name it: numbered as losses.jsonl and MLflow number it
+    (1-based, `steps_done + 1`), so the error and the log agree."""
+    return f"step {steps_done + 1} (numbered as in {LOSS_LOG})"
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -175,9 +193,9 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Trainer:
     steps_per_epoch = prepared.batches_per_epoch // ga
     if steps_per_epoch == 0:
         raise ValueError(f"data: {prepared.batches_per_epoch} batches per rank < gradient_accumulation_steps={ga}")
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps, short = planned_total_steps(steps_per_epoch, cfg.epochs, cfg.max_steps)
+    if short and info.rank == 0:
+        print(f"WARNING: {short}", flush=True)
     fingerprint = json.loads(json.dumps(config_fingerprint(
         flatten(cfg), prepared.vocab_sha256, prepared.data_identity, total_steps, prepared.fingerprint_keys)))
     # The probe cells (None when health is off); a bad probe fails here, before any engine starts.
@@ -195,7 +213,7 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Trainer:
                           forward_dtype=float_dtype)
 
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, info.rank, info.world_size)
-    resume_dir = resolve_resume(ckpt.root, cfg.checkpoint.resume)
+    resume_dir = resolve_verified_resume(ckpt.root, cfg.checkpoint.resume, info.rank, info.world_size)
     if resume_dir is None and committed_checkpoints(ckpt.root):
         # A fresh start here would prune and overwrite another run's checkpoints.
         raise ResumeError(f"{run_dir} already holds committed checkpoints: pass --resume auto to continue "
@@ -249,6 +267,9 @@ def check_same_run(resume_dir: Path, fingerprint: dict, allow_change: bool, rank
             print(f"note: {resume_dir} predates config fingerprints; the resume is not checked against it", flush=True)
         return
     diffs = fingerprint_differences(saved, fingerprint)
+    refusal = shape_change_refusal(saved, fingerprint) if diffs and allow_change else None
+    if refusal:  # before DeepSpeed loads anything: no flood of size-mismatch lines
+        raise ResumeError(f"{resume_dir}: {refusal}")
     if diffs and not allow_change:
         raise ResumeError(f"{resume_dir}: this run's config differs from the checkpoint's in "
                           f"{len(diffs)} key(s) that define the run: {describe_differences(diffs)}. Resume "
@@ -307,8 +328,8 @@ def micro_step(tr: Trainer, batch: dict, micro: int) -> torch.Tensor:
     bad_terms = [n for n, v in zip(tr.terms, terms[:-1]) if not math.isfinite(v)]
     if bad_terms and cfg.nonfinite_policy == "stop":
         raise NonFiniteError(
-            f"non-finite {', '.join(bad_terms)} at step {state.step} (epoch {state.epoch}, batch "
-            f"{state.batches_done}); stopped before the optimiser step; last committed checkpoint: {tr.last_commit()}")
+            f"non-finite {', '.join(bad_terms)} at {step_label(state.step)}, epoch {state.epoch}, batch "
+            f"{state.batches_done}; stopped before the optimiser step; last committed checkpoint: {tr.last_commit()}")
     tr.engine.backward(losses["loss"])
     return terms
 
@@ -338,7 +359,7 @@ def train_step(tr: Trainer, batches) -> tuple[dict, dict]:
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     if not applied and cfg.nonfinite_policy == "stop":
-        raise NonFiniteError(f"non-finite gradient norm at step {state.step}: DeepSpeed skipped the optimiser step; "
+        raise NonFiniteError(f"non-finite gradient norm at {step_label(state.step)}: DeepSpeed skipped the optimiser step; "
                              f"stopped; last committed checkpoint: {tr.last_commit()}")
     momentum = momentum_at(state.step, state.total_steps, cfg.ema.schedule, cfg.ema.base, cfg.ema.final)
     if tr.teacher is not None and applied:
@@ -444,8 +465,7 @@ def run(cfg: TrainConfig, task: Task | None = None) -> RunResult:
             commit(tr)
         tr.task.finish(tr)
     except BaseException:
-        tr.tracker.drop_pending()  # metrics past the last commit will be recomputed by a resume
-        tr.tracker.finish("FAILED")
+        finish_failed(tr.tracker)  # never masks the error: MLflow's own failure is a warning
         raise
     finally:
         if tr.progress is not None:
@@ -480,5 +500,5 @@ def _check_grads_before_step(engine, cfg: TrainConfig, step: int) -> float | Non
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
     if not math.isfinite(norm):
-        raise NonFiniteError(f"non-finite gradient norm ({norm}) at step {step}; stopped before the optimiser step")
+        raise NonFiniteError(f"non-finite gradient norm ({norm}) at {step_label(step)}; stopped before the optimiser step")
     return norm

@@ -64,3 +64,58 @@ class TrainState:
         if state.get("ema_step", state["step"]) != state["step"]:
             raise ValueError(f"train state: ema_step {state['ema_step']} != step {state['step']}")
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+
+
+def planned_total_steps(steps_per_epoch: int, epochs: int, max_steps: int) -> tuple[int, str | None]:
+    """Steps the run takes: `epochs` whole epochs, cut at `max_steps` when set. The second value
+    is a warning when `max_steps` asks for more than the epochs hold (the run stops earlier)."""
+    by_epochs = steps_per_epoch * epochs
+    if not max_steps or max_steps <= by_epochs:
+        return (min(by_epochs, max_steps) if max_steps else by_epochs), None
+    return by_epochs, (f"max_steps={max_steps} but epochs={epochs} allow only {by_epochs} steps "
+                       f"({steps_per_epoch} per epoch); the run stops at {by_epochs}. Raise `epochs` to reach "
+                       f"max_steps")
+
+
+def _model_section(fingerprint: dict) -> dict:
+    return {k[len("model."):]: v for k, v in fingerprint.items() if k.startswith("model.")}
+
+
+def _weight_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape of a CellJEPA with this model config, built on the meta device (no memory)."""
+    import torch
+
+    from celljepa_dist.model.cell_jepa import CellJEPA
+    from celljepa_dist.model.config import ModelConfig
+
+    with torch.device("meta"):
+        module = CellJEPA(ModelConfig.from_dict(model, where="checkpoint fingerprint: model"))
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def shape_change_refusal(saved: dict, now: dict) -> str | None:
+    """Why a resume cannot continue even with `allow_config_change`: the model config changes the
+    shapes of the weights (d_model, n_layers, d_hid, vocab size, heads, ...), which no load can
+    reconcile. Names the model keys responsible; None when every weight keeps its shape."""
+    old_model, new_model = _model_section(saved), _model_section(now)
+    if old_model == new_model or not old_model:
+        return None
+    old_shapes, new_shapes = _weight_shapes(old_model), _weight_shapes(new_model)
+    changed = sorted(k for k in old_shapes.keys() | new_shapes.keys() if old_shapes.get(k) != new_shapes.get(k))
+    if not changed:
+        return None
+    diffs = fingerprint_differences(old_model, new_model)
+
+    def changes_shapes(key: str) -> bool:  # this key's change alone (an invalid combination counts)
+        try:
+            return _weight_shapes({**old_model, key: new_model.get(key)}) != old_shapes
+        except (ValueError, TypeError, RuntimeError):
+            return True
+
+    keys = [d for d in diffs if changes_shapes(d[0])] or diffs
+    example = changed[0]
+    return (f"the model config changes the shapes of {len(changed)} of {len(old_shapes)} weights "
+            f"(e.g. {example}: {old_shapes.get(example, '<absent>')} -> {new_shapes.get(example, '<absent>')}) "
+            f"through {describe_differences([(f'model.{k}', a, b) for k, a, b in keys])}. No resume can load "
+            "weights into other shapes, --allow-config-change included: resume with the checkpoint's model "
+            "config, or train the new size in a new run_dir")
