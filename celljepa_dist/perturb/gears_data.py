@@ -4,7 +4,7 @@ What GEARS (`gears/pertdata.py`, `gears/data_utils.py`) leaves in that file and 
 
     obs['condition']       'ctrl', 'A+ctrl' (or 'ctrl+A'): one gene, 'A+B': two genes
     obs['cell_type']       the covariate of GEARS' DE test (one cell line: one value)
-    obs['condition_name']  '{cell_type}_{condition}_{1 | 1+1}' (derived as GEARS does when absent)
+    obs['condition_name']  '{cell_type}_{condition}_1+1' ('..._ctrl_1'; derived as GEARS does when absent)
     var.index              gene ids (Ensembl); var['gene_name'] the symbols conditions are written in
     X                      log-normalised expression (normalize_total to 1e4, log1p), cells x genes
     uns['rank_genes_groups_cov_all']  condition_name -> gene ids ranked by |t| against control
@@ -53,7 +53,8 @@ def is_combo(condition: str) -> bool:
 
 
 def condition_name(cell_type: str, condition: str) -> str:
-    """GEARS' `get_DE_genes`: '{cell_type}_{condition}_{dose}', dose '1+1' for two genes else '1'."""
+    """GEARS' `get_DE_genes`: '{cell_type}_{condition}_{dose}', dose '1+1' when the condition has two
+    '+'-separated parts (every perturbation, 'A+ctrl' included) and '1' for 'ctrl'."""
     return "_".join([cell_type, condition, "1+1" if len(condition.split("+")) == 2 else "1"])
 
 

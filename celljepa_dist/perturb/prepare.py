@@ -12,6 +12,7 @@ does to Norman and Adamson), so any Perturb-seq h5ad can be used like the GEARS-
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,10 @@ def rank_de_genes(adata) -> dict[str, np.ndarray]:
                                  "ranked against them")
         if sub.obs["condition_name"].nunique() < 2:
             continue
-        sc.tl.rank_genes_groups(sub, groupby="condition_name", reference=reference, rankby_abs=True,
-                                n_genes=sub.n_vars, use_raw=False)
+        with warnings.catch_warnings():  # scanpy's own DataFrame inserts, once per group
+            warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+            sc.tl.rank_genes_groups(sub, groupby="condition_name", reference=reference, rankby_abs=True,
+                                    n_genes=sub.n_vars, use_raw=False)
         names = pd.DataFrame(sub.uns["rank_genes_groups"]["names"])
         for group in names:
             out[str(group)] = np.asarray(names[group].astype(str).tolist(), dtype=object)
