@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from celljepa_dist.config import ConfigError, TrainConfig, apply_override, derive_defaults, from_dict, invalid
+from celljepa_dist.config import ConfigError, TrainConfig, derive_defaults, from_dict, invalid, read_config_mapping
 from celljepa_dist.model.config import LossConfig
 from celljepa_dist.model.ema import EMAConfig
 
@@ -80,6 +77,9 @@ class PerturbConfig(TrainConfig):
         super().validate()
         if self.loss.gepc_weight > 0:
             raise invalid("loss", "w_mvc", self.loss.w_mvc, "perturbation training has no GEPC term: set it to 0")
+        if self.deepspeed.zero_stage == 3:
+            raise invalid("deepspeed", "zero_stage", 3, "perturbation training keeps the best epoch's full weights "
+                          "on rank 0: use ZeRO 0-2 (the models it finetunes fit one device)")
         if self.best_metric not in ("pearson", "pearson_delta", "pearson_de", "pearson_de_delta"):
             raise invalid("", "best_metric", self.best_metric,
                           "must be one of pearson, pearson_delta, pearson_de, pearson_de_delta")
@@ -88,7 +88,7 @@ class PerturbConfig(TrainConfig):
 
 def _derive(data: dict) -> dict:
     """TrainConfig's derived defaults, and a `loss` section that keeps the perturbation defaults."""
-    out = derive_defaults(data)
+    out = derive_defaults(data, PerturbConfig)
     loss = out.get("loss")
     if isinstance(loss, dict):
         base = {"w_rec": 1.0, "w_jepa": 1.0, "w_ecs": 0.8, "w_mvc": 0.0}
@@ -100,13 +100,7 @@ def load_perturb_config(path: str | os.PathLike | None, overrides: list[str] | t
     """YAML (or defaults) + `key=value` overrides -> validated PerturbConfig; errors name the file and key."""
     where = f"{path}: " if path is not None else ""
     try:
-        data: dict = {}
-        if path is not None:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(data, dict):
-                raise ConfigError("top level must be a mapping")
-        for assignment in overrides:
-            apply_override(data, PerturbConfig, assignment)
-        return from_dict(PerturbConfig, _derive(data)).validate()
+        data = _derive(read_config_mapping(path, overrides, PerturbConfig))
+        return from_dict(PerturbConfig, data).validate()
     except ValueError as e:
         raise ConfigError(f"{where}{e}") from e
