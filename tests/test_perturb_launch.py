@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from launch_helpers import cpu_env
 from perturb_fixtures import write_sim, write_tiny_init
 
+from celljepa_dist.launching import deepspeed_launcher, free_port
 from celljepa_dist.perturb.baselines import BASELINES
 from celljepa_dist.perturb.metrics import METRICS
 from celljepa_dist.train.checkpoint import KILL_BEFORE_COMMIT_ENV, committed_checkpoints
@@ -22,7 +24,7 @@ from celljepa_dist.train.checkpoint import KILL_BEFORE_COMMIT_ENV, committed_che
 REPO = Path(__file__).resolve().parents[1]
 PERTURB = REPO / "launch" / "perturb.py"
 CONFIG = REPO / "configs" / "perturb_tiny.yaml"
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc]  # and each test slow: minutes on 2 shared CPU cores
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +34,37 @@ def inputs(tmp_path_factory):
 
 
 def launch(inputs, run_dir: Path, *sets: str, variants: str = "celljepa", env: dict | None = None,
-           extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+           extra: tuple[str, ...] = (), ranks: int = 1) -> subprocess.CompletedProcess:
     gears_dir, init = inputs
-    argv = [sys.executable, str(PERTURB), "--config", str(CONFIG), "--run-dir", str(run_dir), "--variants", variants,
+    head = [*map(str, deepspeed_launcher("--num_gpus", ranks, "--master_port", free_port(), PERTURB))] \
+        if ranks > 1 else [sys.executable, str(PERTURB)]
+    argv = [*head, "--config", str(CONFIG), "--run-dir", str(run_dir), "--variants", variants,
             "--set", f"init={init}", "--set", f"data.gears_dir={gears_dir}", *extra]
     for s in sets:
         argv += ["--set", s]
     return subprocess.run(argv, env=cpu_env(env), capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
+def test_two_rank_run_of_both_variants_writes_one_table(inputs, tmp_path):
+    """The smallest whole run (~2.5 min here): 2 CPU ranks (interleaved batches, validation split over ranks and
+    all-reduced), both variants, one epoch; the combined report holds every method."""
+    run_dir = tmp_path / "run"
+    done = launch(inputs, run_dir, "epochs=1", "data.batch_size=16", "data.eval_cells_per_perturbation=3",
+                  variants="celljepa,scgpt", ranks=2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((run_dir / "perturb_metrics.json").read_text())
+    assert set(results) == {"celljepa", "scgpt", *BASELINES}
+    assert all(r["unseen_single"]["n_perturbations"] == results["control_mean"]["unseen_single"]["n_perturbations"]
+               for r in results.values())
+    for v in ("celljepa", "scgpt"):
+        assert (run_dir / v / "best_model" / "best.json").exists()
+        assert json.loads((run_dir / v / "perturb_metrics.json").read_text())[v] == results[v]
+    assert yaml.safe_load((run_dir / "scgpt" / "config.yaml").read_text())["objective"] == "scgpt"
+    assert "| celljepa |" in (run_dir / "perturb_metrics.md").read_text()
+
+
+@pytest.mark.slow
 def test_perturbation_run_beats_control_mean_and_reports_every_baseline(inputs, tmp_path):
     run_dir = tmp_path / "run"
     done = launch(inputs, run_dir, "epochs=3", "optim.lr=3e-3")
@@ -72,6 +96,7 @@ def test_perturbation_run_beats_control_mean_and_reports_every_baseline(inputs, 
     assert "val/pearson" in metrics and "test/additive/combo_seen2/pearson_delta" in metrics
 
 
+@pytest.mark.slow
 def test_killed_perturbation_run_resumes_bit_identically(inputs, tmp_path):
     sets = ("epochs=2", "deterministic=true", "checkpoint.every_steps=5", "checkpoint.keep_last=5")
     whole = tmp_path / "whole"
