@@ -53,7 +53,7 @@ def combine(run_dir: Path, variants: list[str]) -> Path:
     import numpy as np
 
     from celljepa_dist.perturb.gears_data import load_gears_dir
-    from celljepa_dist.perturb.report import DELTAS_PNG, METRICS_JSON, plot_deltas, write_metrics
+    from celljepa_dist.perturb.report import DELTAS_PNG, METRICS_JSON, plot_deltas, shown_perturbations, write_metrics
     from celljepa_dist.perturb.split import SPLIT_FILE, load_split
 
     results: dict = {}
@@ -71,10 +71,9 @@ def combine(run_dir: Path, variants: list[str]) -> Path:
     cfg = yaml.safe_load((run_dir / variants[0] / "config.yaml").read_text())
     data = load_gears_dir(cfg["data"]["gears_dir"])
     split = load_split(run_dir / variants[0] / SPLIT_FILE)
-    shown = [split.test_subgroups[g][0] for g in ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
-             if split.test_subgroups.get(g)][:4]
+    shown = shown_perturbations(split.test_subgroups)
     plot_deltas(run_dir / DELTAS_PNG, {p: data.mean(p) for p in shown}, data.control_mean(),
-                {m: preds[m] for m in [*variants, "additive"]}, shown)
+                {m: preds[m] for m in [*variants, "additive"]}, list(shown), shown)
     return run_dir / METRICS_JSON
 
 

@@ -79,8 +79,13 @@ def write_metrics(out_dir: str | Path, results: dict, models: list[str]) -> tupl
     return out_dir / METRICS_JSON, out_dir / METRICS_MD
 
 
+def shown_perturbations(test_subgroups: dict[str, list[str]]) -> dict[str, str]:
+    """The first perturbation of each non-empty test subgroup -> its subgroup (the PNG's panels)."""
+    return {perts[0]: g for g in SUBGROUPS if (perts := test_subgroups.get(g))}
+
+
 def plot_deltas(path: str | Path, truth: dict, ctrl: np.ndarray, predictions: dict[str, dict], perts: list[str],
-                gene_names=None) -> Path:
+                labels: dict[str, str] | None = None) -> Path:
     """One panel per perturbation: x = true delta, y = predicted delta, per method."""
     import matplotlib
 
@@ -96,7 +101,7 @@ def plot_deltas(path: str | Path, truth: dict, ctrl: np.ndarray, predictions: di
         ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
-        ax.set_title(p, fontsize=9)
+        ax.set_title(f"{labels[p]}: {p}" if labels and p in labels else p, fontsize=9)
         ax.set_xlabel("true delta vs control")
     axes[0][0].set_ylabel("predicted delta vs control")
     axes[0][-1].legend(fontsize=7, loc="best")

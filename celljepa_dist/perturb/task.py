@@ -204,7 +204,7 @@ def evaluate_run(run_dir: Path, cfg: PerturbConfig, cells, device, float_dtype, 
     Returns ({method: {subgroup: {metric}}}, [model method names])."""
     from .baselines import predict_baselines
     from .predict import predict_means
-    from .report import DELTAS_PNG, plot_deltas, write_metrics
+    from .report import DELTAS_PNG, plot_deltas, shown_perturbations, write_metrics
 
     split, data = cells.split, cells.data
     model = load_best(run_dir, cfg).to(device)
@@ -217,9 +217,8 @@ def evaluate_run(run_dir: Path, cfg: PerturbConfig, cells, device, float_dtype, 
         {"best_epoch": best_epoch, "per_perturbation": per_pert}, indent=1, sort_keys=True))
     np.savez_compressed(Path(run_dir) / "perturb_predictions.npz", **{
         f"{m}::{p}": v.astype(np.float32) for m, pp in preds.items() for p, v in pp.items()})
-    shown = [split.test_subgroups[g][0] for g in ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
-             if split.test_subgroups.get(g)][:4]
+    shown = shown_perturbations(split.test_subgroups)
     truth = {p: data.mean(p) for p in shown}
     plot_deltas(Path(run_dir) / DELTAS_PNG, truth, data.control_mean(),
-                {m: preds[m] for m in (cfg.objective, "additive", "mean_shift")}, shown)
+                {m: preds[m] for m in (cfg.objective, "additive", "mean_shift")}, list(shown), shown)
     return results, [cfg.objective]
