@@ -57,7 +57,9 @@ class CellEncoder(nn.Module):
         return build_attention_mask(self.backend, padding_mask, value_mask, kernels)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
-                value_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                value_mask: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`extra` [B, L, d]: added to the token embeddings (perturbation training's flag embedding,
+        paper 2.5: z = f_gene + f_pert + f_val); None for every other use."""
         if gene_ids.shape != values.shape or gene_ids.shape != padding_mask.shape:
             raise ValueError(
                 f"gene_ids {tuple(gene_ids.shape)}, values {tuple(values.shape)} and padding_mask "
@@ -65,18 +67,22 @@ class CellEncoder(nn.Module):
             )
         mask = self.build_mask(padding_mask, value_mask)
         if self.backend == "flash":
-            return self._forward_unpadded(gene_ids, values, padding_mask, mask)
+            return self._forward_unpadded(gene_ids, values, padding_mask, mask, extra)
         x = self.embed(gene_ids, values)
+        if extra is not None:
+            x = x + extra.to(x.dtype)
         for block in self.blocks:
             x = block(x, mask)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
 
-    def _forward_unpadded(self, gene_ids, values, padding_mask, mask: AttentionMask) -> torch.Tensor:
+    def _forward_unpadded(self, gene_ids, values, padding_mask, mask: AttentionMask, extra=None) -> torch.Tensor:
         """Varlen end to end: padding is dropped before the embedding and restored at the very end."""
         idx = mask.layout.token_idx
         x = self.embed(gene_ids.flatten()[idx], values.flatten()[idx])
+        if extra is not None:
+            x = x + extra.flatten(0, 1)[idx].to(x.dtype)
         for block in self.blocks:
             x = block(x, mask)
         if self.final_norm is not None:
