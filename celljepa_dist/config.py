@@ -35,6 +35,7 @@ from celljepa_dist.typed_config import (  # noqa: F401 (re-exported: the mapping
     apply_override,
     check_choices,
     coerce,
+    field_types,
     flatten,
     from_dict,
     invalid,
@@ -185,15 +186,18 @@ class TrainConfig:
         return self
 
 
-def derive_defaults(data: dict) -> dict:
+def derive_defaults(data: dict, cls: type = None) -> dict:
     """The raw config mapping with the values that follow the top level filled in (a new dict).
 
     `loss.objective` follows `objective` (setting it to anything else is an error); `data.seed`
-    defaults to `seed` (an explicit `data.seed` wins)."""
+    defaults to `seed` (an explicit `data.seed` wins) when `cls`'s data section has a seed."""
+    cls = cls or TrainConfig
     out = copy.deepcopy(data)
-    objective = out.get("objective", TrainConfig.objective)
-    seed = out.get("seed", TrainConfig.seed)
-    for section, key, value in (("loss", "objective", objective), ("data", "seed", seed)):
+    objective = out.get("objective", cls.objective)
+    seed = out.get("seed", cls.seed)
+    data_fields = {f.name for f in dataclasses.fields(field_types(cls)["data"])}
+    follows = [("loss", "objective", objective)] + ([("data", "seed", seed)] if "seed" in data_fields else [])
+    for section, key, value in follows:
         node = out.get(section)
         if node is None:
             node = out[section] = {}
@@ -205,28 +209,32 @@ def derive_defaults(data: dict) -> dict:
     return out
 
 
-def read_config_mapping(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """YAML file (or nothing) + `key=value` overrides -> the raw nested mapping (keys checked)."""
+def read_config_mapping(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                        cls: type = None) -> dict:
+    """YAML file (or nothing) + `key=value` overrides -> the raw nested mapping (keys checked against `cls`)."""
     data: dict = {}
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for assignment in overrides:
-        apply_override(data, TrainConfig, assignment)
+        apply_override(data, cls or TrainConfig, assignment)
     return data
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """YAML file (or defaults) + `key=value` overrides -> validated TrainConfig.
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = None) -> TrainConfig:
+    """YAML file (or defaults) + `key=value` overrides -> validated `cls` (TrainConfig, or a
+    task's config that extends it: finetuning, perturbation).
 
     Errors are ConfigError naming the file (when there is one) and the dotted key."""
+    cls = cls or TrainConfig
     where = f"{path}: " if path is not None else ""
     try:
-        data = derive_defaults(read_config_mapping(path, overrides))
+        data = derive_defaults(read_config_mapping(path, overrides, cls), cls)
         if "model" in data:  # config.yaml files written before celljepa_dist/tokens.py restate the token contract
             data = {**data, "model": accept_legacy_token_keys(data["model"], "model")}
-        return from_dict(TrainConfig, data).validate()
+        return from_dict(cls, data).validate()
     except ValueError as e:  # ConfigError included
         raise ConfigError(f"{where}{e}") from e
 

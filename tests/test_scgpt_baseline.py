@@ -8,7 +8,7 @@ from celljepa_dist.config import load_config
 from celljepa_dist.model import CellJEPA, LossConfig, ModelConfig, celljepa_loss
 from celljepa_dist.model.losses import vicreg_covariance, vicreg_variance
 from celljepa_dist.model.synthetic import random_batch
-from celljepa_dist.train.loop import loss_terms
+from celljepa_dist.train.pretrain_task import pretrain_loss_terms as loss_terms
 
 
 def test_each_objective_states_its_gepc_choice():

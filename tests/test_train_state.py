@@ -10,6 +10,7 @@ import pytest
 from launch_helpers import cpu_env, pretrain_argv
 
 from celljepa_dist.config import flatten, load_config
+from celljepa_dist.train.pretrain_task import PRETRAIN_DATA_KEYS
 from celljepa_dist.train.state import TrainState, config_fingerprint, fingerprint_differences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _fingerprint(*overrides):
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", list(overrides))
-    return json.loads(json.dumps(config_fingerprint(flatten(cfg), "abc", 311, 38)))
+    return json.loads(json.dumps(config_fingerprint(flatten(cfg), "abc", {"total_cells": 311}, 38, PRETRAIN_DATA_KEYS)))
 
 
 def test_fingerprint_keeps_what_defines_the_run_and_ignores_knobs():

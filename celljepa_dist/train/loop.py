@@ -1,8 +1,9 @@
-"""The pre-training step and loop. No argparse here: `launch/pretrain.py` builds the config.
+"""The training step and loop of every task. No argparse here: the launchers build the config.
 
 `setup` builds everything once (a `Trainer`), `train_step` is one optimiser step, `commit`
-checkpoints; `run` strings them together. Finetuning and perturbation training reuse these pieces
-with another loss and other data.
+checkpoints; `run` strings them together. What differs between pre-training, finetuning and
+perturbation training (config resolution, model, data, losses, per-epoch validation, the run's
+products) is a `Task` (train/task.py); pre-training is `PretrainTask` (train/pretrain_task.py).
 
 One optimiser step = `gradient_accumulation_steps` micro-batches on every rank. Randomness that
 the model draws (dropout) is re-seeded before every micro-batch from a pure function of
@@ -25,14 +26,15 @@ import torch
 import torch.distributed as dist
 
 from celljepa_dist.atomic import atomic_write_text
-from celljepa_dist.config import TrainConfig, flatten, resolve_for_run, save_config
-from celljepa_dist.model import CellJEPA, celljepa_loss, momentum_at, teacher_embedding
-from celljepa_dist.model.encoder import CellEncoder
+from celljepa_dist.config import TrainConfig, flatten, save_config
+from celljepa_dist.model import momentum_at
 from celljepa_dist.tracking import default_run_name, git_sha, make_tracker
 from celljepa_dist.train.checkpoint import CheckpointManager, ResumeError, committed_checkpoints, resolve_resume
 from celljepa_dist.train.engine import DistInfo, build_ds_config, init_distributed, initialize_engine
 from celljepa_dist.train.health_probe import HEALTH_LOG, HealthMonitor
+from celljepa_dist.train.pretrain_task import PretrainTask
 from celljepa_dist.train.state import TrainState, config_fingerprint, describe_differences, fingerprint_differences
+from celljepa_dist.train.task import Prepared, Task
 from celljepa_dist.train.teacher import Teacher
 
 LOSS_LOG = "losses.jsonl"
@@ -74,36 +76,6 @@ class RunResult:
     mlflow_run_id: str | None = None
 
 
-def _resolve_vocab(cfg: TrainConfig) -> Path:
-    if cfg.vocab:
-        return Path(cfg.vocab)
-    guess = Path(cfg.data.shards_dir).parent / "vocab.json"
-    if not guess.exists():
-        raise FileNotFoundError(f"vocab: not set and {guess} does not exist (set `vocab:` in the config)")
-    return guess
-
-
-def loss_terms(loss_cfg) -> list[str]:
-    """The loss terms a run computes, logs and checks for NaN (keys of celljepa_loss's dict)."""
-    terms = ["loss", "loss_rec"]
-    terms += ["loss_jepa"] if loss_cfg.objective == "celljepa" else []
-    terms += ["loss_mvc"] if loss_cfg.gepc_weight > 0 else []
-    terms += ["loss_ecs"] if loss_cfg.w_ecs > 0 else []
-    terms += ["loss_var"] if loss_cfg.w_var > 0 else []
-    terms += ["loss_cov"] if loss_cfg.w_cov > 0 else []
-    return terms
-
-
-def _build_model(cfg: TrainConfig, ds_config: dict) -> CellJEPA:
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    if cfg.deepspeed.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            return CellJEPA(cfg.model)
-    return CellJEPA(cfg.model)
-
-
 def _to_device(batch: dict, device, float_dtype) -> dict:
     out = {}
     for k, v in batch.items():
@@ -141,11 +113,11 @@ class Trainer:
     the loader position (`rank_state`)."""
 
     cfg: TrainConfig
+    task: Task
+    prepared: Prepared
     info: DistInfo
     run_dir: Path
-    vocab_sha256: str
-    tokenisation: dict
-    terms: list[str]  # loss terms computed, logged and NaN-checked (loss_terms)
+    terms: list[str]  # loss terms computed, logged and NaN-checked (task.loss_terms)
     steps_per_epoch: int
     engine: Any
     teacher: Teacher | None
@@ -176,16 +148,18 @@ class Trainer:
     def last_commit(self):
         return self.committed[-1] if self.committed else self.resume_dir
 
+    @property
+    def vocab_sha256(self) -> str:
+        return self.prepared.vocab_sha256
+
     def rank_state(self) -> dict:
         return {"loader": self.loader.state_dict(self.consumed) if self.state.batches_done else None}
 
 
-def setup(cfg: TrainConfig) -> Trainer:
-    """Process group, vocab, plan, engine, teacher, checkpoints (resume), tracking, health probe."""
-    from celljepa_dist.data.shards import read_manifest
-    from celljepa_dist.data.stream import build_loader
-    from celljepa_dist.data.vocab import GeneVocab
-
+def setup(cfg: TrainConfig, task: Task | None = None) -> Trainer:
+    """Process group, the task's data and model, engine, teacher, checkpoints (resume), tracking,
+    health probe. `task` defaults to pre-training."""
+    task = task or PretrainTask()
     cfg.validate()
     info = init_distributed(cfg)
     if cfg.deterministic:
@@ -194,37 +168,31 @@ def setup(cfg: TrainConfig) -> Trainer:
         torch.utils.deterministic.fill_uninitialized_memory = False
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    vocab_path = _resolve_vocab(cfg)
-    vocab = GeneVocab.load(vocab_path)
-    manifest = read_manifest(cfg.data.shards_dir)
-    # Values only the run knows, resolved once (vocab size, the GEPC head, n_bins vs the shards).
-    cfg = resolve_for_run(cfg, vocab_size=len(vocab), manifest_n_bins=manifest["binning"]["n_bins"])
-    tokenisation = {"n_bins": manifest["binning"]["n_bins"], "max_genes": cfg.data.max_genes,
-                    "binning_rule": manifest["binning"]["rule"]}
+    prepared = task.prepare(cfg, info)
+    cfg = prepared.cfg
 
     ga = cfg.deepspeed.gradient_accumulation_steps
-    plan, _ = build_loader(cfg.data, info.rank, info.world_size, epoch=0, vocab_sha256=vocab.sha256)
-    steps_per_epoch = plan.epoch_batches // ga
+    steps_per_epoch = prepared.batches_per_epoch // ga
     if steps_per_epoch == 0:
-        raise ValueError(f"data: {plan.epoch_batches} batches per rank < gradient_accumulation_steps={ga}")
-    del plan
+        raise ValueError(f"data: {prepared.batches_per_epoch} batches per rank < gradient_accumulation_steps={ga}")
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     fingerprint = json.loads(json.dumps(config_fingerprint(
-        flatten(cfg), vocab.sha256, manifest["total_cells"], total_steps)))
+        flatten(cfg), prepared.vocab_sha256, prepared.data_identity, total_steps, prepared.fingerprint_keys)))
     # The probe cells (None when health is off); a bad probe fails here, before any engine starts.
-    health = HealthMonitor.from_config(cfg, vocab.sha256, vocab_path, total_steps, info.rank)
+    health = HealthMonitor.from_config(cfg, prepared.vocab_sha256, prepared.vocab_path, total_steps, info.rank)
 
     ds_config = build_ds_config(cfg, info.world_size)
-    model = _build_model(cfg, ds_config)
-    n_nonembed = sum(count_nonembedding_params(m) for m in (model.student, model.predictor, model.value_head))
+    model = task.build_model(cfg, ds_config)
+    n_nonembed = task.flop_params(model)
     engine, _, _ = initialize_engine(cfg, model, ds_config, steps_per_epoch)
     float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     teacher = None
-    if cfg.objective == "celljepa":
-        teacher = Teacher(engine.module.student, cfg.deepspeed.zero_stage, lambda: CellEncoder(cfg.model),
-                          ds_config, info.rank, forward_dtype=float_dtype)
+    spec = task.teacher(engine.module, cfg)
+    if spec is not None:
+        teacher = Teacher(spec.source, cfg.deepspeed.zero_stage, spec.build_like, ds_config, info.rank,
+                          forward_dtype=float_dtype)
 
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, info.rank, info.world_size)
     resume_dir = resolve_resume(ckpt.root, cfg.checkpoint.resume)
@@ -233,24 +201,27 @@ def setup(cfg: TrainConfig) -> Trainer:
         raise ResumeError(f"{run_dir} already holds committed checkpoints: pass --resume auto to continue "
                           "it, or choose a new run_dir")
     ckpt.clean_uncommitted()
+    if resume_dir is None and teacher is not None:
+        task.init_teacher(teacher)  # e.g. the pre-trained teacher; a resume loads the checkpoint's
     state = TrainState(total_steps=total_steps, fingerprint=fingerprint)
     resumed_loader_state = None
     if resume_dir is not None:
         check_same_run(resume_dir, fingerprint, cfg.checkpoint.allow_config_change, info.rank)
         saved, rank_state = ckpt.load(resume_dir, engine, teacher)
         state.load_state_dict(saved)
+        task.load_state_dict(saved.get("task", {}))
         resumed_loader_state = rank_state["loader"]
         if info.rank == 0:
             print(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, batch "
                   f"{state.batches_done})", flush=True)
 
     tracker = make_tracker(cfg.tracking, run_dir, info.rank,
-                           tags={"git_sha": git_sha(), "world_size": str(info.world_size),
+                           tags={"git_sha": git_sha(), "world_size": str(info.world_size), "task": task.name,
                                  "objective": cfg.objective, "zero_stage": str(cfg.deepspeed.zero_stage)},
                            resume=resume_dir is not None,
                            run_name=default_run_name(cfg.objective, cfg.model.d_model, cfg.model.n_layers, run_dir.name))
     if info.rank == 0:
-        _write_run_files(cfg, run_dir, ds_config, vocab_path, tracker, resumed_at=state.step if resume_dir else None)
+        _write_run_files(cfg, run_dir, ds_config, prepared.vocab_path, tracker, resumed_at=state.step if resume_dir else None)
     losslog = _LossLog(run_dir / LOSS_LOG, state.step) if info.rank == 0 else None
     healthlog = _LossLog(run_dir / HEALTH_LOG, state.step) if info.rank == 0 and health is not None else None
     if health is not None:
@@ -259,10 +230,10 @@ def setup(cfg: TrainConfig) -> Trainer:
     if info.rank == 0 and cfg.tracking.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=state.step, desc=f"pretrain {cfg.objective}", dynamic_ncols=True,
+        progress = tqdm(total=total_steps, initial=state.step, desc=f"{task.name} {cfg.objective}", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())  # quiet in logs and CI
-    return Trainer(cfg=cfg, info=info, run_dir=run_dir, vocab_sha256=vocab.sha256, tokenisation=tokenisation,
-                   terms=loss_terms(cfg.loss), steps_per_epoch=steps_per_epoch, engine=engine, teacher=teacher,
+    return Trainer(cfg=cfg, task=task, prepared=prepared, info=info, run_dir=run_dir,
+                   terms=task.loss_terms(cfg), steps_per_epoch=steps_per_epoch, engine=engine, teacher=teacher,
                    float_dtype=float_dtype, n_nonembed=n_nonembed, ckpt=ckpt, state=state, resume_dir=resume_dir,
                    tracker=tracker, health=health, losslog=losslog, healthlog=healthlog,
                    last_logged=tracker.last_logged_step(), resumed_loader_state=resumed_loader_state,
@@ -302,21 +273,25 @@ def _write_run_files(cfg: TrainConfig, run_dir: Path, ds_config: dict, vocab_pat
         save_config(cfg, config_yaml)
     atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
     if resumed_at is None:
-        shutil.copyfile(vocab_path, run_dir / "vocab.json")
+        if vocab_path is not None:  # a task without a gene vocabulary has none
+            shutil.copyfile(vocab_path, run_dir / "vocab.json")
         tracker.log_params(flatten(cfg))
         for name in ("config.yaml", "ds_config.json", "vocab.json"):
-            tracker.log_artifact(run_dir / name)
+            if (run_dir / name).exists():
+                tracker.log_artifact(run_dir / name)
 
 
 def open_epoch(tr: Trainer):
     """The loader of the current epoch (from the resumed position the first time); its batches."""
-    from celljepa_dist.data.stream import build_loader
-
     resume = tr.resumed_loader_state if tr.state.batches_done else None
-    tr.loader, _ = build_loader(tr.cfg.data, tr.info.rank, tr.info.world_size, epoch=tr.state.epoch,
-                                resume_state=resume, vocab_sha256=tr.vocab_sha256)
+    tr.loader = tr.task.open_loader(tr.cfg, tr.info, tr.state.epoch, resume, tr.prepared)
     tr.resumed_loader_state, tr.consumed = None, 0
     return iter(tr.loader)
+
+
+def batch_tokens(batch: dict) -> float:
+    """Tokens a batch carries (throughput): its cells' lengths; 0 for batches that are not cells."""
+    return float(batch["lengths"].sum()) if "lengths" in batch else 0.0
 
 
 def micro_step(tr: Trainer, batch: dict, micro: int) -> torch.Tensor:
@@ -324,10 +299,9 @@ def micro_step(tr: Trainer, batch: dict, micro: int) -> torch.Tensor:
     cfg, state = tr.cfg, tr.state
     torch.manual_seed(step_seed(cfg.seed, state.step, micro, tr.info.rank))
     out = tr.engine(batch)
-    teacher_cls = teacher_embedding(tr.teacher, batch) if tr.teacher is not None else None
-    losses = celljepa_loss(out, batch, cfg.loss, teacher_cls)
+    losses = tr.task.losses(out, batch, tr.teacher, cfg)
     terms = torch.stack([losses[t].detach().double().cpu() for t in tr.terms]
-                        + [torch.tensor(float(batch["lengths"].sum()), dtype=torch.float64)])
+                        + [torch.tensor(batch_tokens(batch), dtype=torch.float64)])
     if dist.is_initialized():
         dist.all_reduce(terms)  # NaN on any rank -> NaN on all: every rank decides alike
     bad_terms = [n for n, v in zip(tr.terms, terms[:-1]) if not math.isfinite(v)]
@@ -373,7 +347,7 @@ def train_step(tr: Trainer, batches) -> tuple[dict, dict]:
 
     elapsed = time.perf_counter() - t_start
     world = tr.info.world_size
-    cells, tokens = cfg.data.batch_size * tr.grad_accum * world, float(sums[-1])
+    cells, tokens = tr.prepared.cells_per_batch * tr.grad_accum * world, float(sums[-1])
     mean = sums[:-1] / (tr.grad_accum * world)
     record = {"step": state.step, "epoch": state.epoch, **{t: float(v) for t, v in zip(tr.terms, mean)}}
     metrics = {**{k: v for k, v in record.items() if k.startswith("loss")},
@@ -382,7 +356,7 @@ def train_step(tr: Trainer, batches) -> tuple[dict, dict]:
                "memory_mb": peak_memory_mb(), "step_applied": float(applied)}
     if tr.teacher is not None:
         metrics["ema_momentum"] = momentum
-    if cfg.tracking.peak_tflops > 0:
+    if cfg.tracking.peak_tflops > 0 and "gene_ids" in batch:
         fpt = flops_per_token(tr.n_nonembed, cfg.model.n_layers, cfg.model.d_model, batch["gene_ids"].shape[1],
                               tr.teacher is not None)
         metrics["mfu"] = fpt * tokens / elapsed / (cfg.tracking.peak_tflops * 1e12 * world)
@@ -432,15 +406,25 @@ def commit(tr: Trainer) -> Path:
     cfg = tr.cfg
     # What an offline export needs (celljepa_dist/export.py): no DeepSpeed, no YAML.
     export_facts = {"objective": cfg.objective, "zero_stage": cfg.deepspeed.zero_stage, "model": cfg.model.to_dict(),
-                    "vocab_sha256": tr.vocab_sha256, "data": tr.tokenisation}
-    d = tr.ckpt.save(step, tr.engine, tr.teacher, {**tr.state.state_dict(), **export_facts}, tr.rank_state())
+                    "vocab_sha256": tr.vocab_sha256, "data": tr.prepared.tokenisation, "task_name": tr.task.name}
+    d = tr.ckpt.save(step, tr.engine, tr.teacher, {**tr.state.state_dict(), **export_facts,
+                                                    "task": tr.task.state_dict()}, tr.rank_state())
     tr.committed.append(d)
     return d
 
 
-def run(cfg: TrainConfig) -> RunResult:
-    """Train per `cfg` on the process group of the launcher; returns where things are (all ranks)."""
-    tr = setup(cfg)
+def end_epoch(tr: Trainer) -> None:
+    """The epoch just finished: the task's validation (collective), logged at this step."""
+    metrics = tr.task.after_epoch(tr)
+    if metrics and tr.state.step > tr.last_logged:
+        tr.tracker.log_step(tr.state.step, metrics)
+    tr.state.epoch, tr.state.batches_done = tr.state.epoch + 1, 0
+
+
+def run(cfg: TrainConfig, task: Task | None = None) -> RunResult:
+    """Train per `cfg` (pre-training unless `task` says otherwise) on the process group of the
+    launcher; returns where things are (all ranks)."""
+    tr = setup(cfg, task)
     state = tr.state
     last_saved = state.step if tr.resume_dir is not None else -1
     try:
@@ -450,7 +434,7 @@ def run(cfg: TrainConfig) -> RunResult:
                 record, metrics = train_step(tr, batches)
                 report_step(tr, record, metrics)
                 if state.batches_done >= tr.batches_per_epoch_used:
-                    state.epoch, state.batches_done = state.epoch + 1, 0
+                    end_epoch(tr)
                 if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                     commit(tr)
                     last_saved = state.step
@@ -458,6 +442,7 @@ def run(cfg: TrainConfig) -> RunResult:
                     break  # done, or the epoch ended: the next loader starts the next epoch
         if last_saved != state.step:
             commit(tr)
+        tr.task.finish(tr)
     except BaseException:
         tr.tracker.drop_pending()  # metrics past the last commit will be recomputed by a resume
         tr.tracker.finish("FAILED")

@@ -15,19 +15,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Config sections and keys that define the run (dotted names as in `config.flatten`).
+# Config sections and keys that define the run (dotted names as in `config.flatten`); each task
+# adds the keys of its own data section that change what the model sees (`Prepared.fingerprint_keys`).
 FINGERPRINT_SECTIONS = ("model.", "loss.", "ema.", "optim.")
-FINGERPRINT_KEYS = ("objective", "epochs", "max_steps", "seed", "data.batch_size", "data.max_genes",
-                    "data.mask_ratio", "data.seed", "data.known_first", "deepspeed.gradient_accumulation_steps")
+FINGERPRINT_KEYS = ("objective", "epochs", "max_steps", "seed", "deepspeed.gradient_accumulation_steps")
 # Inside those sections, how the same function is computed (not what): free to change.
 NOT_FINGERPRINTED = ("model.attention_backend", "model.flash_kernel")
 
 
-def config_fingerprint(flat_config: dict[str, Any], vocab_sha256: str, total_cells: int, total_steps: int) -> dict:
-    """A flat dict of everything a resume must keep (a pure function of the resolved config)."""
+def config_fingerprint(flat_config: dict[str, Any], vocab_sha256: str, data_identity: dict[str, Any],
+                       total_steps: int, task_keys: tuple[str, ...] = ()) -> dict:
+    """A flat dict of everything a resume must keep (a pure function of the resolved config).
+    `data_identity` (e.g. {"total_cells": N}) enters as `data.<key>`."""
+    keys = FINGERPRINT_KEYS + tuple(task_keys)
     keep = {k: v for k, v in flat_config.items()
-            if (k.startswith(FINGERPRINT_SECTIONS) or k in FINGERPRINT_KEYS) and k not in NOT_FINGERPRINTED}
-    return {**keep, "vocab_sha256": vocab_sha256, "data.total_cells": total_cells, "total_steps": total_steps}
+            if (k.startswith(FINGERPRINT_SECTIONS) or k in keys) and k not in NOT_FINGERPRINTED}
+    return {**keep, "vocab_sha256": vocab_sha256, **{f"data.{k}": v for k, v in data_identity.items()},
+            "total_steps": total_steps}
 
 
 def fingerprint_differences(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
