@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from celljepa_dist.config import TrainConfig, derive_defaults
+from celljepa_dist.config import TrainConfig, load_config, read_config_mapping
 from celljepa_dist.model.config import ModelConfig
-from celljepa_dist.typed_config import ConfigError, apply_override, from_dict, invalid
+from celljepa_dist.typed_config import ConfigError, invalid
 
 # What a finetuning config may set in its `model` section: how, not what, the model computes.
 MODEL_RUNTIME_KEYS = ("attention_backend", "flash_kernel")
@@ -126,31 +126,14 @@ def init_model_dict(init: str) -> dict | None:
         return None
 
 
-def read_finetune_mapping(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    import yaml
-
-    data: dict = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    for assignment in overrides:
-        apply_override(data, FinetuneConfig, assignment)
-    return data
-
-
 def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
-    """YAML (+ `--set key=value`) -> validated FinetuneConfig; errors name the file and the dotted key."""
-    where = f"{path}: " if path is not None else ""
-    try:
-        data = derive_defaults(read_finetune_mapping(path, overrides))
-        cfg = from_dict(FinetuneConfig, data).validate()
-    except ValueError as e:  # ConfigError included
-        raise ConfigError(f"{where}{e}") from e
-    section = data.get("model") or {}
+    """YAML (+ `--set key=value`) -> validated FinetuneConfig (config.load_config with this class);
+    then the `model` keys checked against the init's. Errors name the file and the dotted key."""
+    cfg = load_config(path, overrides, cls=FinetuneConfig)
+    section = read_config_mapping(path, overrides, cls=FinetuneConfig).get("model") or {}
     init_model = init_model_dict(cfg.init)
     if isinstance(section, dict) and init_model is not None:
-        check_model_section(section, init_model, where)
+        check_model_section(section, init_model, f"{path}: " if path is not None else "")
     return cfg
 
 
