@@ -5,7 +5,7 @@
 
 1. the real-cell pre-training of bench/zero_shot_bench.py (Kang PBMC, Baron pancreas, Moncada PDAC,
    PISCES PBMC 1k; PBMC 3k held out): its `celljepa` and `scgpt` runs under --pretrained are reused
-   when they are there, otherwise pre-trained here the same way for --pretrain-epochs;
+   when both are there, otherwise pre-trained the same way for --pretrain-epochs under OUT/pretrain;
 2. finetunes each on PBMC 3k (label `cell_type`, 9:1 stratified split by seed 42) with
    configs/finetune_pbmc.yaml (GEP + GEPC + supervised ECS, + JEPA for celljepa; mask 0.4, batch 64 =
    2 CPU ranks x 32, lr 1e-4 x0.9 per epoch) for --epochs epochs, bf16 on CPU;
@@ -46,21 +46,30 @@ def run(cmd: list, **env) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, env={**os.environ, **env})
 
 
-def pretrained_runs(data: Path, pretrained: Path, epochs: int, max_steps: int) -> dict[str, dict]:
-    """The zero-shot bench's celljepa and scgpt runs (result.json + model dir); trained here if absent."""
-    runs, missing = {}, []
+def find_runs(pretrained: Path) -> dict[str, dict]:
+    """The celljepa and scgpt runs (result.json: model dir, MLflow run) under a zero-shot bench dir."""
+    runs = {}
     for name in OBJECTIVES:
         result = pretrained / "runs" / f"realcells_{name}" / "result.json"
         if result.exists():
             runs[name] = json.loads(result.read_text())
-        else:
-            missing.append(name)
+    return runs
+
+
+def pretrained_runs(data: Path, pretrained: Path, own: Path, epochs: int, max_steps: int) -> tuple[dict[str, dict], Path]:
+    """The zero-shot bench's runs when both are there; otherwise pre-trained here the same way,
+    under `own` (never into the zero-shot bench's dir: its own run must keep its own budget)."""
+    runs = find_runs(pretrained)
+    if len(runs) == len(OBJECTIVES):
+        return runs, pretrained
+    runs = find_runs(own)
+    missing = [name for name in OBJECTIVES if name not in runs]
     if missing:
-        print(f"pre-training {missing} on real cells ({epochs} epochs{f', max {max_steps} steps' if max_steps else ''}; "
-              f"{zsb.CONFIG.name}) into {pretrained}", flush=True)
-        vocab, shards, probe = zsb.build_data(data, pretrained)
+        print(f"no pre-trained runs in {pretrained}: pre-training {missing} on real cells ({epochs} epochs"
+              f"{f', max {max_steps} steps' if max_steps else ''}; {zsb.CONFIG.name}) into {own}", flush=True)
+        vocab, shards, probe = zsb.build_data(data, own)
         for name in missing:
-            run_dir = pretrained / "runs" / f"realcells_{name}"
+            run_dir = own / "runs" / f"realcells_{name}"
             objective, extra = zsb.RUNS[name]
             sets = [f"objective={objective}", f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}",
                     f"epochs={epochs}", f"max_steps={max_steps}", f"tracking.probe_shards={probe}", *extra]
@@ -72,7 +81,7 @@ def pretrained_runs(data: Path, pretrained: Path, epochs: int, max_steps: int) -
                 cmd += ["--resume", "auto"]
             run(cmd, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
             runs[name] = json.loads((run_dir / "result.json").read_text())
-    return runs
+    return runs, own
 
 
 def finetune(name: str, init_model: str, data: Path, out: Path, epochs: int, max_steps: int) -> dict:
@@ -108,7 +117,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "bench_out" / "finetune"))
     p.add_argument("--pretrained", default=str(REPO / "bench_out" / "zero_shot"),
-                   help="the zero-shot bench's output dir (its runs are reused; pre-trained there if absent)")
+                   help="the zero-shot bench's output dir (its runs are reused; else OUT/pretrain)")
     p.add_argument("--data", default=os.environ.get("CELLJEPA_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--epochs", type=int, default=10, help="finetuning epochs (the paper: 30)")
     p.add_argument("--pretrain-epochs", type=int, default=2, help="only when the pre-trained runs are absent")
@@ -125,7 +134,8 @@ def main(argv=None) -> int:
           f"pre-trained runs from {pretrained}", flush=True)
     t0 = time.time()
     timings = {}
-    inits = pretrained_runs(data, pretrained, args.pretrain_epochs, args.max_steps)
+    inits, source = pretrained_runs(data, pretrained, out / "pretrain", args.pretrain_epochs, args.max_steps)
+    print(f"pre-trained runs: {source}", flush=True)
     timings["pretrain_s"] = time.time() - t0
     results = {}
     for name in OBJECTIVES:
