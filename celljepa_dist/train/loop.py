@@ -30,8 +30,14 @@ from celljepa_dist.model import CellJEPA, celljepa_loss, momentum_at, teacher_em
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.tracking import default_run_name, git_sha, make_tracker
 from celljepa_dist.train.checkpoint import CheckpointManager, ResumeError, committed_checkpoints, resolve_resume
+from celljepa_dist.train.collectives import collective_timeout, explain_failure
 from celljepa_dist.train.engine import DistInfo, build_ds_config, init_distributed, initialize_engine
 from celljepa_dist.train.health_probe import HEALTH_LOG, HealthMonitor
+from celljepa_dist.train.heartbeat import beat, start_heartbeat
+from celljepa_dist.train.interrupts import end_status
+from celljepa_dist.train.interrupts import install as install_interrupts
+from celljepa_dist.train.launcher_watch import watch_launcher
+from celljepa_dist.train.run_lock import lock_run_dir
 from celljepa_dist.train.state import TrainState, config_fingerprint, describe_differences, fingerprint_differences
 from celljepa_dist.train.teacher import Teacher
 
@@ -187,7 +193,13 @@ def setup(cfg: TrainConfig) -> Trainer:
     from celljepa_dist.data.vocab import GeneVocab
 
     cfg.validate()
+    # Process-level faults (docs/faults_run.md): signals end a rank as exceptions, a rank whose
+    # launcher died stops, one job per run_dir (before anything is written there), heartbeats.
+    install_interrupts()
+    watch_launcher()
     info = init_distributed(cfg)
+    lock_run_dir(cfg.run_dir, info.rank)
+    start_heartbeat(cfg.run_dir, info.rank, cfg.distributed.heartbeat_s)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         # Its NaN-filling of every fresh allocation costs ~20x on CPU and changes no result.
@@ -392,6 +404,7 @@ def train_step(tr: Trainer, batches) -> tuple[dict, dict]:
 def report_step(tr: Trainer, record: dict, metrics: dict) -> None:
     """Loss log, heartbeat, MLflow, health probe (every rank), progress bar."""
     step = tr.state.step
+    beat(step)
     if tr.losslog is not None:
         tr.losslog.add(record)
         # Heartbeat for watchdogs (and the kill test): where the run is right now.
@@ -433,7 +446,8 @@ def commit(tr: Trainer) -> Path:
     # What an offline export needs (celljepa_dist/export.py): no DeepSpeed, no YAML.
     export_facts = {"objective": cfg.objective, "zero_stage": cfg.deepspeed.zero_stage, "model": cfg.model.to_dict(),
                     "vocab_sha256": tr.vocab_sha256, "data": tr.tokenisation}
-    d = tr.ckpt.save(step, tr.engine, tr.teacher, {**tr.state.state_dict(), **export_facts}, tr.rank_state())
+    with collective_timeout(cfg.distributed.commit_timeout_s, cfg.distributed.timeout_s, f"commit of step {step}"):
+        d = tr.ckpt.save(step, tr.engine, tr.teacher, {**tr.state.state_dict(), **export_facts}, tr.rank_state())
     tr.committed.append(d)
     return d
 
@@ -458,9 +472,12 @@ def run(cfg: TrainConfig) -> RunResult:
                     break  # done, or the epoch ended: the next loader starts the next epoch
         if last_saved != state.step:
             commit(tr)
-    except BaseException:
+    except BaseException as exc:
         tr.tracker.drop_pending()  # metrics past the last commit will be recomputed by a resume
-        tr.tracker.finish("FAILED")
+        tr.tracker.finish(end_status(exc))  # KILLED (Ctrl-C, SIGTERM) or FAILED
+        # A collective that timed out or lost a peer: raised again naming the step and the silent rank.
+        explain_failure(exc, step=state.step + 1, timeout_s=cfg.distributed.timeout_s, run_dir=tr.run_dir,
+                        rank=tr.info.rank, world_size=tr.info.world_size, last_commit=tr.last_commit())
         raise
     finally:
         if tr.progress is not None:
