@@ -100,8 +100,9 @@ class DistributedConfig:
     # A collective (all-reduce, barrier) that waits this long for a silent rank fails the job with
     # an error naming the step and that rank (train/collectives.py).
     timeout_s: float = 300.0
-    # A checkpoint commit writes every rank's files between its barriers: a slow shared filesystem
-    # may legitimately keep one rank there much longer than a training step.
+    # Setup (until every rank is ready to train) and checkpoint commits: loading and writing every
+    # rank's files on a slow shared filesystem, rank 0 alone creating the MLflow run, may
+    # legitimately keep some ranks much longer than a training step.
     commit_timeout_s: float = 1800.0
     # Each rank rewrites RUN_DIR/.heartbeat/rank_R this often, from a thread that keeps beating
     # while the rank waits in a collective; the stalled rank is the one whose heartbeat is old.

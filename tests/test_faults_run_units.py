@@ -219,7 +219,7 @@ def test_failure_message_names_the_step_the_silent_rank_and_the_checkpoint():
              1: {"rank": 1, "step": 12, "time": 988.0, "pid": 11, "host": "b"},
              2: {"rank": 2, "step": 13, "time": 999.5, "pid": 12, "host": "c"}}
     exc = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation")
-    msg = describe_failure(exc, where="step 14", timeout_s=10, rank=0, beats=beats, now=now,
+    msg = describe_failure(exc, where="step 14", timeout_s=10, rank=0, beats=beats, heartbeat_s=1, now=now,
                            last_commit=Path("run/checkpoints/step_00000010"))
     assert msg == ("step 14: rank 1 sent nothing for 10 s (collective timeout); rank 1 (pid 11 on b) last beat 12 s "
                    "ago at step 12; last committed checkpoint: run/checkpoints/step_00000010 (--resume auto continues "
@@ -227,11 +227,16 @@ def test_failure_message_names_the_step_the_silent_rank_and_the_checkpoint():
     # a rank that never wrote a heartbeat is the first suspect; a dead peer is named as gone
     gone = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242")
     msg = describe_failure(gone, where="commit of step 10", timeout_s=1800, rank=1, beats={**beats, 2: None},
-                           now=now, last_commit=None)
+                           heartbeat_s=1, now=now, last_commit=None)
     assert msg.startswith("commit of step 10: rank 2 is gone") and "never wrote a heartbeat" in msg
     assert msg.endswith("last committed checkpoint: none (--resume auto continues there)")
-    assert describe_failure(ValueError("Timed out"), where="step 1", timeout_s=1, rank=0, beats=beats, now=now,
-                            last_commit=None) is None
+    # every heartbeat recent (12 s < 3 beats of 10 s): nobody is stopped, the peer is elsewhere
+    msg = describe_failure(exc, where="step 14", timeout_s=10, rank=0, beats=beats, heartbeat_s=10, now=now,
+                           last_commit=None)
+    assert msg.startswith("step 14: no answer within 10 s (collective timeout), yet every rank's heartbeat is recent: "
+                          "rank 1 is alive but did not join")
+    assert describe_failure(ValueError("Timed out"), where="step 1", timeout_s=1, rank=0, beats=beats, heartbeat_s=1,
+                            now=now, last_commit=None) is None
 
 
 def test_heartbeats_are_written_by_a_thread_with_the_step_reached(tmp_path):

@@ -8,10 +8,11 @@ abandoned and no checkpoint is written. A checkpoint is valid only with its COMM
 written by rank 0 after every rank's files are complete (train/checkpoint.py), so a save cut
 short leaves at most an uncommitted directory, removed at the next start.
 
-Only the first signal raises. Launchers send more than one (Ctrl-C reaches every process of the
-terminal, then DeepSpeed's launch.py sends SIGTERM to each rank): a second exception would
-interrupt the cleanup (marking the MLflow run KILLED). Cleanup is bounded instead: a rank still
-alive `EXIT_GRACE_S` after the first signal exits at once.
+Only the first signal raises, and none inside `shielded()`. Launchers send more than one (Ctrl-C
+reaches every process of the terminal, then DeepSpeed's launch.py sends SIGTERM to each rank), and
+a rank that is already failing (a peer vanished) may be signalled too: an exception then would
+cut the cleanup short (marking the MLflow run KILLED or FAILED). Cleanup is bounded instead: a
+rank still alive `EXIT_GRACE_S` after the first signal exits at once.
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 EXIT_GRACE_S = 10.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _stopping: dict[str, int] = {}  # the first signal received, once there is one
+_shield_depth = 0  # > 0 inside `shielded()`
 
 
 class Terminated(BaseException):
@@ -49,9 +52,12 @@ def exit_after(seconds: float, code: int) -> None:
 
 
 def _on_signal(signum, frame) -> None:
-    if _stopping:
-        print(f"rank pid {os.getpid()}: {signal.Signals(signum).name} while already stopping "
-              f"({signal.Signals(_stopping['signum']).name}); cleanup continues", file=sys.stderr, flush=True)
+    if _stopping or _shield_depth:
+        print(f"rank pid {os.getpid()}: {signal.Signals(signum).name} while already stopping; cleanup continues "
+              f"(at most {EXIT_GRACE_S:g} s)", file=sys.stderr, flush=True)
+        if not _stopping:
+            _stopping["signum"] = signum
+            exit_after(EXIT_GRACE_S, 128 + signum)
         return
     _stopping["signum"] = signum
     exit_after(EXIT_GRACE_S, 128 + signum)
@@ -68,3 +74,15 @@ def install() -> bool:
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
     return True
+
+
+@contextmanager
+def shielded():
+    """A block that a signal must not cut short (the cleanup of a run that is already failing, e.g.
+    marking its MLflow run): a signal inside it raises nothing, only starts the grace period."""
+    global _shield_depth
+    _shield_depth += 1
+    try:
+        yield
+    finally:
+        _shield_depth -= 1

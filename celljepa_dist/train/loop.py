@@ -30,11 +30,11 @@ from celljepa_dist.model import CellJEPA, celljepa_loss, momentum_at, teacher_em
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.tracking import default_run_name, git_sha, make_tracker
 from celljepa_dist.train.checkpoint import CheckpointManager, ResumeError, committed_checkpoints, resolve_resume
-from celljepa_dist.train.collectives import collective_timeout, explain_failure
+from celljepa_dist.train.collectives import collective_timeout, enter_training, explain_failure
 from celljepa_dist.train.engine import DistInfo, build_ds_config, init_distributed, initialize_engine
 from celljepa_dist.train.health_probe import HEALTH_LOG, HealthMonitor
 from celljepa_dist.train.heartbeat import beat, start_heartbeat
-from celljepa_dist.train.interrupts import end_status
+from celljepa_dist.train.interrupts import end_status, shielded
 from celljepa_dist.train.interrupts import install as install_interrupts
 from celljepa_dist.train.launcher_watch import watch_launcher
 from celljepa_dist.train.run_lock import lock_run_dir
@@ -455,6 +455,7 @@ def commit(tr: Trainer) -> Path:
 def run(cfg: TrainConfig) -> RunResult:
     """Train per `cfg` on the process group of the launcher; returns where things are (all ranks)."""
     tr = setup(cfg)
+    enter_training(cfg.distributed.timeout_s)  # every rank set up; from here a silent rank is reported
     state = tr.state
     last_saved = state.step if tr.resume_dir is not None else -1
     try:
@@ -473,11 +474,14 @@ def run(cfg: TrainConfig) -> RunResult:
         if last_saved != state.step:
             commit(tr)
     except BaseException as exc:
-        tr.tracker.drop_pending()  # metrics past the last commit will be recomputed by a resume
-        tr.tracker.finish(end_status(exc))  # KILLED (Ctrl-C, SIGTERM) or FAILED
+        with shielded():  # a signal now (a launcher stopping its ranks) must not cut this short
+            tr.tracker.drop_pending()  # metrics past the last commit will be recomputed by a resume
+            tr.tracker.finish(end_status(exc))  # KILLED (Ctrl-C, SIGTERM) or FAILED
         # A collective that timed out or lost a peer: raised again naming the step and the silent rank.
-        explain_failure(exc, step=state.step + 1, timeout_s=cfg.distributed.timeout_s, run_dir=tr.run_dir,
-                        rank=tr.info.rank, world_size=tr.info.world_size, last_commit=tr.last_commit())
+        dist_cfg = cfg.distributed
+        explain_failure(exc, step=state.step + 1, timeout_s=dist_cfg.timeout_s, heartbeat_s=dist_cfg.heartbeat_s,
+                        run_dir=tr.run_dir, rank=tr.info.rank, world_size=tr.info.world_size,
+                        last_commit=tr.last_commit())
         raise
     finally:
         if tr.progress is not None:
