@@ -25,6 +25,8 @@ import psutil
 import pytest
 from launch_helpers import cpu_env, pretrain_argv
 
+from celljepa_dist.train.interrupts import EXIT_GRACE_S
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 BASE_SETS = ["data.batch_size=8", "deterministic=true", "deepspeed.zero_stage=1", "tracking.progress=false"]
@@ -144,10 +146,10 @@ def test_second_job_on_a_run_dir_in_use_is_refused_before_it_writes(job, tmp_pat
 ORPHAN_SETS = ["epochs=4", "max_steps=60", "checkpoint.every_steps=20"]
 
 
-def _kill_launcher_mid_run(job, run_dir: Path, log: Path) -> tuple[int, int]:
+def _kill_launcher_mid_run(job, run_dir: Path, log: Path) -> None:
     """Start a 2-rank job, SIGKILL its launcher (the `deepspeed` runner, only it) one step past the
-    commit at step 20, far from the next one (40); check both ranks stop within seconds and nothing
-    more is committed. Returns (step at the kill, last step reported)."""
+    commit at step 20, far from the next one (40); check both ranks stop training at once, their
+    processes within seconds, and nothing more is committed."""
     proc = _start(job(run_dir, ORPHAN_SETS), log)
     try:
         _wait_step(run_dir, 21, proc, log)
@@ -155,24 +157,26 @@ def _kill_launcher_mid_run(job, run_dir: Path, log: Path) -> tuple[int, int]:
         assert sorted(ranks) == [0, 1]
         os.kill(proc.pid, signal.SIGKILL)
         killed_at, t0 = _progress(run_dir), time.time()
-        while time.time() - t0 < 15 and not all(_gone(p) for p in ranks.values()):
+        # Training stops at once (the watch polls every 0.5 s); the processes are gone by the end of
+        # the cleanup, at most EXIT_GRACE_S later (a loaded machine spends seconds in the
+        # interpreter's teardown alone).
+        limit = EXIT_GRACE_S + 5
+        while time.time() - t0 < limit + 5 and not all(_gone(p) for p in ranks.values()):
             time.sleep(0.05)
         stopped_after = time.time() - t0
-        assert all(_gone(p) for p in ranks.values()), f"ranks still training without their launcher:\n{log.read_text()[-3000:]}"
-        assert stopped_after < 8, f"ranks took {stopped_after:.1f} s to stop"
-        time.sleep(1)
+        assert all(_gone(p) for p in ranks.values()), f"ranks still running without their launcher:\n{log.read_text()[-3000:]}"
+        assert stopped_after < limit, f"ranks took {stopped_after:.1f} s to stop"
         last = _progress(run_dir)
+        assert last <= killed_at + 1, f"training went on after the launcher died: step {killed_at} -> {last}"
         assert _committed(run_dir) == ["step_00000020"]  # no new commit, no half step committed
         assert "launcher process" in log.read_text() and "is gone" in log.read_text()
-        return killed_at, last
     finally:
         _kill_job(proc)
 
 
 @pytest.mark.multiproc
 def test_ranks_stop_when_the_launcher_is_killed(job, tmp_path):
-    killed_at, last = _kill_launcher_mid_run(job, tmp_path / "orphan", tmp_path / "orphan.log")
-    assert last < 40 and last - killed_at <= 10, (killed_at, last)
+    _kill_launcher_mid_run(job, tmp_path / "orphan", tmp_path / "orphan.log")
 
 
 @pytest.mark.multiproc
@@ -197,11 +201,12 @@ def test_resume_after_the_launcher_was_killed_is_bit_identical(job, tmp_path):
 @pytest.mark.multiproc
 def test_stalled_rank_fails_the_job_naming_the_step_and_the_rank(job, tmp_path):
     run_dir, log = tmp_path / "stall", tmp_path / "stall.log"
-    sets = LONG + ["checkpoint.every_steps=5", "distributed.timeout_s=10",
-            "distributed.commit_timeout_s=10", "distributed.heartbeat_s=1"]
+    # Setup and commits under the default long timeout (a loaded machine is slow there); steps
+    # under 10 s. Stopped one step past the commit at step 5, away from the next one.
+    sets = LONG + ["checkpoint.every_steps=5", "distributed.timeout_s=10", "distributed.heartbeat_s=1"]
     proc = _start(job(run_dir, sets), log)
     try:
-        _wait_step(run_dir, 7, proc, log)  # past the commit at step 5
+        _wait_step(run_dir, 6, proc, log)
         rank1 = _ranks(proc.pid)[1]
         rank1.send_signal(signal.SIGSTOP)
         stopped_at, t0 = _progress(run_dir), time.time()
