@@ -95,6 +95,34 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How long ranks wait for each other (docs/faults_run.md). torch's default is 30 minutes: a
+    stalled rank would hold every GPU of the job that long before anything is reported."""
+    # A collective (all-reduce, barrier) that waits this long for a silent rank fails the job with
+    # an error naming the step and that rank (train/collectives.py).
+    timeout_s: float = 300.0
+    # Setup (until every rank is ready to train) and checkpoint commits: loading and writing every
+    # rank's files on a slow shared filesystem, rank 0 alone creating the MLflow run, may
+    # legitimately keep some ranks much longer than a training step.
+    commit_timeout_s: float = 1800.0
+    # Each rank rewrites RUN_DIR/.heartbeat/rank_R this often, from a thread that keeps beating
+    # while the rank waits in a collective; the stalled rank is the one whose heartbeat is old.
+    heartbeat_s: float = 10.0
+
+    def validate(self, where: str = "distributed") -> None:
+        """Raises ConfigError naming `where.field`; pure."""
+        if not self.timeout_s > 0:
+            raise invalid(where, "timeout_s", self.timeout_s, "must be > 0")
+        if self.commit_timeout_s < self.timeout_s:
+            raise invalid(where, "commit_timeout_s", self.commit_timeout_s,
+                          f"must be >= distributed.timeout_s={self.timeout_s:g} (a commit waits at least as long)")
+        if not 0 < self.heartbeat_s <= self.timeout_s / 3:
+            raise invalid(where, "heartbeat_s", self.heartbeat_s,
+                          f"must be in (0, timeout_s/3 = {self.timeout_s / 3:g}]: a stalled rank's heartbeat "
+                          "must be clearly older than the live ones' when a collective times out")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 500  # 0: only at the end
     keep_last: int = 3
@@ -160,6 +188,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

@@ -180,17 +180,18 @@ class MlflowTracker(NullTracker):
         self.client.set_terminated(self.run_id, status=status)
 
 
-def finish_failed(tracker) -> None:
-    """Mark the run FAILED after the error that stopped it. Metrics past the last commit are dropped
+def finish_failed(tracker, status: str = "FAILED") -> None:
+    """Mark the run `status` (FAILED, or KILLED for an interrupt) after the error that stopped it.
+    Metrics past the last commit are dropped
     (a resume recomputes them). A failure of MLflow itself here (often the same full disk, as
     "database or disk is full") is a warning: it must never replace the error that stopped the run."""
     stopped_by = sys.exc_info()[1]  # called from an except block: the error that stopped the run
     tracker.drop_pending()
     try:
-        tracker.finish("FAILED")
+        tracker.finish(status)
     except Exception as err:
         cause = f"{type(stopped_by).__name__}: {stopped_by}" if stopped_by is not None else "an error"
-        print(f"WARNING: the run stopped on {cause}. Marking its MLflow run FAILED then failed too "
+        print(f"WARNING: the run stopped on {cause}. Marking its MLflow run {status} then failed too "
               f"({type(err).__name__}: {err}); the traceback of the first error follows", file=sys.stderr, flush=True)
 
 

@@ -101,7 +101,7 @@ def test_one_rank_run_takes_a_free_port(monkeypatch):
     import celljepa_dist.train.engine as engine
 
     calls = []
-    fake_ds = types.SimpleNamespace(init_distributed=lambda dist_backend: calls.append(dist_backend))
+    fake_ds = types.SimpleNamespace(init_distributed=lambda dist_backend, timeout: calls.append(dist_backend))
     monkeypatch.setitem(sys.modules, "deepspeed", fake_ds)
     monkeypatch.setattr(engine, "free_port", lambda: 45678)
     monkeypatch.setattr(engine, "unlink_shm_allreduce_buffer", lambda rank: None)

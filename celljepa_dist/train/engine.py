@@ -13,6 +13,7 @@ import torch
 
 from celljepa_dist.config import TrainConfig
 from celljepa_dist.launching import free_port
+from celljepa_dist.train.collectives import as_timedelta, set_timeout
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a port free now, not a guess that may be taken
         os.environ["MASTER_PORT"] = str(free_port())
-    deepspeed.init_distributed(dist_backend=backend)
+    # Setup's collectives wait distributed.commit_timeout_s, training's timeout_s: not torch's 30 min
+    # (train/collectives.py).
+    deepspeed.init_distributed(dist_backend=backend, timeout=as_timedelta(cfg.distributed.commit_timeout_s))
     info = DistInfo(
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
@@ -148,4 +151,5 @@ def initialize_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict,
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    set_timeout(cfg.distributed.commit_timeout_s)  # DeepSpeed's own groups (data parallel, ...) got torch's 30 min
     return engine, optimizer, scheduler

@@ -35,9 +35,15 @@ from celljepa_dist.train.checkpoint import (
     committed_checkpoints,
     resolve_verified_resume,
 )
+from celljepa_dist.train.collectives import collective_timeout, enter_training, explain_failure
 from celljepa_dist.train.engine import DistInfo, build_ds_config, init_distributed, initialize_engine
 from celljepa_dist.train.health_probe import HEALTH_LOG, HealthMonitor
+from celljepa_dist.train.heartbeat import beat, start_heartbeat
+from celljepa_dist.train.interrupts import end_status, shielded
+from celljepa_dist.train.interrupts import install as install_interrupts
+from celljepa_dist.train.launcher_watch import watch_launcher
 from celljepa_dist.train.pretrain_task import PretrainTask
+from celljepa_dist.train.run_lock import lock_run_dir
 from celljepa_dist.train.state import (
     TrainState,
     config_fingerprint,
@@ -179,7 +185,13 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Trainer:
     health probe. `task` defaults to pre-training."""
     task = task or PretrainTask()
     cfg.validate()
+    # Process-level faults (docs/faults_run.md): signals end a rank as exceptions, a rank whose
+    # launcher died stops, one job per run_dir (before anything is written there), heartbeats.
+    install_interrupts()
+    watch_launcher()
     info = init_distributed(cfg)
+    lock_run_dir(cfg.run_dir, info.rank)
+    start_heartbeat(cfg.run_dir, info.rank, cfg.distributed.heartbeat_s)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         # Its NaN-filling of every fresh allocation costs ~20x on CPU and changes no result.
@@ -387,6 +399,7 @@ def train_step(tr: Trainer, batches) -> tuple[dict, dict]:
 def report_step(tr: Trainer, record: dict, metrics: dict) -> None:
     """Loss log, heartbeat, MLflow, health probe (every rank), progress bar."""
     step = tr.state.step
+    beat(step)
     if tr.losslog is not None:
         tr.losslog.add(record)
         # Heartbeat for watchdogs (and the kill test): where the run is right now.
@@ -428,8 +441,9 @@ def commit(tr: Trainer) -> Path:
     # What an offline export needs (celljepa_dist/export.py): no DeepSpeed, no YAML.
     export_facts = {"objective": cfg.objective, "zero_stage": cfg.deepspeed.zero_stage, "model": cfg.model.to_dict(),
                     "vocab_sha256": tr.vocab_sha256, "data": tr.prepared.tokenisation, "task_name": tr.task.name}
-    d = tr.ckpt.save(step, tr.engine, tr.teacher, {**tr.state.state_dict(), **export_facts,
-                                                    "task": tr.task.state_dict()}, tr.rank_state())
+    global_state = {**tr.state.state_dict(), **export_facts, "task": tr.task.state_dict()}
+    with collective_timeout(cfg.distributed.commit_timeout_s, cfg.distributed.timeout_s, f"commit of step {step}"):
+        d = tr.ckpt.save(step, tr.engine, tr.teacher, global_state, tr.rank_state())
     tr.committed.append(d)
     return d
 
@@ -446,6 +460,7 @@ def run(cfg: TrainConfig, task: Task | None = None) -> RunResult:
     """Train per `cfg` (pre-training unless `task` says otherwise) on the process group of the
     launcher; returns where things are (all ranks)."""
     tr = setup(cfg, task)
+    enter_training(cfg.distributed.timeout_s)  # every rank set up; from here a silent rank is reported
     state = tr.state
     last_saved = state.step if tr.resume_dir is not None else -1
     try:
@@ -464,8 +479,15 @@ def run(cfg: TrainConfig, task: Task | None = None) -> RunResult:
         if last_saved != state.step:
             commit(tr)
         tr.task.finish(tr)
-    except BaseException:
-        finish_failed(tr.tracker)  # never masks the error: MLflow's own failure is a warning
+    except BaseException as exc:
+        with shielded():  # a signal now (a launcher stopping its ranks) must not cut this short
+            # KILLED (Ctrl-C, SIGTERM) or FAILED; MLflow's own failure here is a warning, never the error
+            finish_failed(tr.tracker, end_status(exc))
+        # A collective that timed out or lost a peer: raised again naming the step and the silent rank.
+        dist_cfg = cfg.distributed
+        explain_failure(exc, step=state.step + 1, timeout_s=dist_cfg.timeout_s, heartbeat_s=dist_cfg.heartbeat_s,
+                        run_dir=tr.run_dir, rank=tr.info.rank, world_size=tr.info.world_size,
+                        last_commit=tr.last_commit())
         raise
     finally:
         if tr.progress is not None:
