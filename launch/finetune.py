@@ -68,4 +68,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from celljepa_dist.cli_errors import run_cli
+
+    sys.exit(run_cli("finetune", main))
