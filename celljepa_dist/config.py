@@ -96,7 +96,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class DistributedConfig:
-    """How long ranks wait for each other (docs/faults_run.md). torch's default is 30 minutes: a
+    """How long ranks wait for each other (docs/training.md, "Faults"). torch's default is 30 minutes: a
     stalled rank would hold every GPU of the job that long before anything is reported."""
     # A collective (all-reduce, barrier) that waits this long for a silent rank fails the job with
     # an error naming the step and that rank (train/collectives.py).

@@ -1,4 +1,4 @@
-"""The process-level fault pieces on their own (docs/faults_run.md): the run-dir lock between two
+"""The process-level fault pieces on their own (docs/training.md, "Faults"): the run-dir lock between two
 real processes, the launcher watch on a real process chain, collective timeouts on a real 2-rank
 gloo group, the failure message, the config section. The end-to-end launches are in
 tests/test_train_faults_run.py."""

@@ -1,4 +1,4 @@
-"""Process-level faults of real pre-training runs (docs/faults_run.md): 2-rank CPU jobs through the
+"""Process-level faults of real pre-training runs (docs/training.md, "Faults"): 2-rank CPU jobs through the
 deepspeed launcher (gloo, fp32), 1 rank for Ctrl-C.
 
 * A second job on a run directory in use is refused, naming the holder, before it writes anything;

@@ -9,7 +9,7 @@ again (`collective_timeout`). On gloo a collective that waits
 past its timeout raises a RuntimeError ("Timed out waiting ... for recv"); `explain_failure`
 turns it into `CollectiveTimeout` naming the step, the silent rank (heartbeat.py) and the last
 committed checkpoint. NCCL's watchdog aborts the process on a timeout instead of raising: there,
-the heartbeat files name the silent rank (docs/faults_run.md).
+the heartbeat files name the silent rank (docs/training.md, "Faults").
 """
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Trainer:
     health probe. `task` defaults to pre-training."""
     task = task or PretrainTask()
     cfg.validate()
-    # Process-level faults (docs/faults_run.md): signals end a rank as exceptions, a rank whose
+    # Process-level faults (docs/training.md, "Faults"): signals end a rank as exceptions, a rank whose
     # launcher died stops, one job per run_dir (before anything is written there), heartbeats.
     install_interrupts()
     watch_launcher()
