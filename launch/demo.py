@@ -123,10 +123,19 @@ def main(argv=None) -> int:
     p.add_argument("--cells", type=int, default=Demo.cells)
     p.add_argument("--seed", type=int, default=Demo.seed)
     p.add_argument("--cells-per-shard", type=int, default=Demo.cells_per_shard)
+    p.add_argument("--skip", default="", metavar="STEP[,STEP]",
+                   help="leave out these steps (e.g. finetune,perturb: they only read earlier steps' outputs)")
     args = p.parse_args(argv)
+    names = [name for name, _ in STEPS]
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(names):
+        p.error(f"--skip: {sorted(skip - set(names))} are not steps; steps: {names}")
     d = Demo(Path(args.out), args.cells, args.seed, args.cells_per_shard)
     d.out.mkdir(parents=True, exist_ok=True)
     for i, (name, step) in enumerate(STEPS, 1):
+        if name in skip:
+            print(f"[{i}/{len(STEPS)}] {name}: skipped (--skip)", flush=True)
+            continue
         t = time.time()
         print(f"[{i}/{len(STEPS)}] {name} ...", flush=True)
         print(f"[{i}/{len(STEPS)}] {name}: {step(d)} ({time.time() - t:.1f}s)", flush=True)

@@ -71,8 +71,10 @@ def test_clear_errors_for_missing_inputs(tmp_path):
 
 @pytest.mark.multiproc  # two 2-rank pre-trainings
 def test_demo_runs_and_reruns_idempotently(tmp_path):
+    # Steps 1-10 (the main job); finetuning and perturbation have launch tests of their own
+    # (tests/test_finetune_launch.py, tests/test_perturb_launch.py).
     cmd = [sys.executable, str(REPO / "launch" / "demo.py"), "--out", str(tmp_path / "demo"), "--cells", "2500",
-           "--cells-per-shard", "300"]
+           "--cells-per-shard", "300", "--skip", "finetune,perturb"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "validated" in r.stdout and (tmp_path / "demo" / "shards_summary.png").stat().st_size > 10_000
