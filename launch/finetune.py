@@ -17,35 +17,16 @@ import os
 import sys
 
 from celljepa_dist.finetune.config import load_finetune_config
+from celljepa_dist.launch_args import run_overrides, run_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML finetuning config (configs/finetune_*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set init=runs/kidney/model (repeatable)")
-    p.add_argument("--resume", default=None, help="'auto' (newest committed checkpoint) or a checkpoint dir")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="resume even though the model, data, objective or schedule differ from the checkpoint's")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: local sqlite store)")
-    p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=...")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    return p.parse_args(argv)
+    return run_parser(__doc__, "YAML finetuning config (configs/finetune_*.yaml)", "init=runs/kidney/model").parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    if args.allow_config_change:
-        overrides.append("checkpoint.allow_config_change=true")
-    if args.tracking_uri is not None:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    if args.run_dir is not None:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    overrides = run_overrides(args)
     cfg = load_finetune_config(args.config, overrides)
 
     from celljepa_dist.finetune.task import RESULT_FILE, FinetuneTask

@@ -19,33 +19,21 @@ import os
 import sys
 from pathlib import Path
 
+from celljepa_dist.launch_args import run_overrides, run_parser
+
 VARIANTS = ("celljepa", "scgpt")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML perturbation config (configs/perturb_*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set init=runs/pretrain/model (repeatable)")
+    p = run_parser(__doc__, "YAML perturbation config (configs/perturb_*.yaml)", "init=runs/pretrain/model")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated objectives to train, each in RUN_DIR/<variant> (default: both)")
-    p.add_argument("--resume", default=None, help="'auto' (newest committed checkpoint) or a checkpoint dir")
-    p.add_argument("--allow-config-change", action="store_true")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: local sqlite store)")
-    p.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=...")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def variant_overrides(args, variant: str, run_dir: Path) -> list[str]:
-    sets = list(args.overrides) + [f"objective={variant}", f"run_dir={run_dir / variant}"]
-    if args.resume is not None:
-        sets.append(f"checkpoint.resume={args.resume}")
-    if args.allow_config_change:
-        sets.append("checkpoint.allow_config_change=true")
-    if args.tracking_uri is not None:
-        sets.append(f"tracking.uri={args.tracking_uri}")
-    return sets
+    """The run's overrides for one variant: its objective and its own RUN_DIR/<variant>."""
+    return run_overrides(args, run_dir=False) + [f"objective={variant}", f"run_dir={run_dir / variant}"]
 
 
 def combine(run_dir: Path, variants: list[str]) -> Path:
