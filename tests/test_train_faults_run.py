@@ -225,7 +225,7 @@ def test_stalled_rank_fails_the_job_naming_the_step_and_the_rank(job, tmp_path):
     out = log.read_text()
     assert proc.returncode != 0
     assert waited < 45, f"rank 0 took {waited:.0f} s to fail"
-    m = re.search(r"CollectiveTimeout: (step|commit of step) (\d+): rank 1 sent nothing for 10 s \(collective timeout\); "
+    m = re.search(r"pretrain: error: (step|commit of step) (\d+): rank 1 sent nothing for 10 s \(collective timeout\); "
                   r"rank 1 \(pid (\d+) on [^)]+\) last beat (\d+) s ago", out)
     assert m, out[-3000:]
     step, pid, age = int(m.group(2)), int(m.group(3)), int(m.group(4))
