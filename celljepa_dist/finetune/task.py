@@ -54,10 +54,9 @@ from celljepa_dist.finetune.split import (
     stratified_split,
     write_split,
 )
-from celljepa_dist.model import CellJEPA, celljepa_loss, teacher_embedding
-from celljepa_dist.model.encoder import CellEncoder
-from celljepa_dist.train.pretrain_task import pretrain_loss_terms
-from celljepa_dist.train.task import Prepared, TaskBase, TeacherSpec
+from celljepa_dist.model import CellJEPA, teacher_embedding
+from celljepa_dist.train.pretrain_task import PretrainTask
+from celljepa_dist.train.task import Prepared
 
 # Data keys that change what the model sees (the config fingerprint; a resume must keep them).
 FINETUNE_DATA_KEYS = ("data.batch_size", "data.max_genes", "data.mask_ratio", "data.seed", "data.known_first",
@@ -86,7 +85,10 @@ def resolve_w_jepa(cfg: FinetuneConfig, init: InitModel) -> float:
     return w
 
 
-class FinetuneTask(TaskBase):
+class FinetuneTask(PretrainTask):
+    """Pre-training's teacher, loss terms, losses and FLOP count (inherited); its own data,
+    weights, validation and end of run."""
+
     name = "finetune"
 
     def __init__(self):
@@ -153,11 +155,6 @@ class FinetuneTask(TaskBase):
         load_student_weights(model, self.init)
         return model
 
-    def teacher(self, module: CellJEPA, cfg: FinetuneConfig) -> TeacherSpec | None:
-        if cfg.objective != "celljepa":
-            return None
-        return TeacherSpec(source=module.student, build_like=lambda: CellEncoder(cfg.model))
-
     def init_teacher(self, teacher) -> None:
         """The pre-trained EMA teacher, not a copy of the student: JEPA continues where
         pre-training left it (every rank; collective under ZeRO-3)."""
@@ -176,18 +173,6 @@ class FinetuneTask(TaskBase):
         rows = self.split.train
         return open_train_loader(self.labelled.cells, rows, self.labelled.codes[rows], self.masking, epoch,
                                  info.rank, info.world_size, self.fingerprint, resume_state)
-
-    def loss_terms(self, cfg: FinetuneConfig) -> list[str]:
-        return pretrain_loss_terms(cfg.loss)
-
-    def losses(self, out, batch: dict, teacher, cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
-        teacher_cls = teacher_embedding(teacher, batch) if teacher is not None else None
-        return celljepa_loss(out, batch, cfg.loss, teacher_cls)
-
-    def flop_params(self, module: CellJEPA) -> int:
-        from celljepa_dist.train.loop import count_nonembedding_params
-
-        return sum(count_nonembedding_params(m) for m in (module.student, module.predictor, module.value_head))
 
     @torch.no_grad()
     def after_epoch(self, tr) -> dict[str, float]:
