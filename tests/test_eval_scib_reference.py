@@ -23,6 +23,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+from reference_env import run_or_skip
 
 from celljepa_dist.atomic import atomic_write_text
 from celljepa_dist.evaluation import evaluate_embeddings
@@ -84,14 +85,7 @@ def project_pins() -> dict[str, str]:
 
 
 def _run(cmd: list[str], what: str, timeout: int = 1800) -> None:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"scib reference env: {what} timed out after {timeout} s")
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        pytest.skip(f"scib reference env could not be built ({what} failed, exit {proc.returncode}); "
-                    f"no package index reachable? Last output:\n{tail}")
+    run_or_skip(cmd, what, "scib", timeout)
 
 
 def reference_python() -> Path:

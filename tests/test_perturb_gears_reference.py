@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from perturb_fixtures import SMALL_SIM, write_sim
+from reference_env import run_or_skip
 
 from celljepa_dist.atomic import atomic_write_text
 from celljepa_dist.perturb.gears_data import GEARS_FILE, load_gears_dir
@@ -93,14 +94,7 @@ with open(out, "w") as f:
 
 
 def _run(cmd: list[str], what: str, timeout: int = 900) -> None:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"GEARS reference env: {what} timed out after {timeout} s")
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        pytest.skip(f"GEARS reference env could not be built ({what} failed, exit {proc.returncode}); no package "
-                    f"index reachable? Last output:\n{tail}")
+    run_or_skip(cmd, what, "GEARS", timeout)
 
 
 def reference_python() -> Path:
