@@ -168,7 +168,10 @@ def _kill_launcher_mid_run(job, run_dir: Path, log: Path) -> None:
         assert all(_gone(p) for p in ranks.values()), f"ranks still running without their launcher:\n{log.read_text()[-3000:]}"
         assert stopped_after < limit, f"ranks took {stopped_after:.1f} s to stop"
         last = _progress(run_dir)
-        assert last <= killed_at + 1, f"training went on after the launcher died: step {killed_at} -> {last}"
+        # "At once" = within the watch's 0.5 s poll (PDEATHSIG cannot fire: DeepSpeed's
+        # intermediate launcher process outlives the runner): on an idle machine a tiny step takes
+        # ~0.2 s, so up to a few steps finish in that window; none reaches the next commit (40).
+        assert last <= killed_at + 5, f"training went on after the launcher died: step {killed_at} -> {last}"
         assert _committed(run_dir) == ["step_00000020"]  # no new commit, no half step committed
         assert "launcher process" in log.read_text() and "is gone" in log.read_text()
     finally:
