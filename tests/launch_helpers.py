@@ -3,8 +3,12 @@
 DeepSpeed's launcher)."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from celljepa_dist.launching import deepspeed_launcher, free_port
@@ -34,3 +38,24 @@ def pretrain_argv(config: Path, sets: list[str], ranks: int = 1, launcher: bool 
 def finetune_argv(config: Path, sets: list[str], ranks: int = 1, launcher: bool = False) -> list[str]:
     """`launch/finetune.py --config C --set ...`, launched as pretrain_argv launches pre-training."""
     return pretrain_argv(config, sets, ranks, launcher, script=FINETUNE)
+
+
+def kill_job_at_step(argv: list[str], run_dir: Path, step: int, timeout_s: float = 300) -> int:
+    """Start a training job in its own process group, SIGKILL the whole group (launcher and every
+    rank) once RUN_DIR/progress.json reports `step` done, and return the step it reached: a
+    kill -9 of a whole job, as a node failure or an OOM killer gives."""
+    proc = subprocess.Popen(argv, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, progress = time.time() + timeout_s, run_dir / "progress.json"
+    try:
+        while time.time() < deadline:
+            if progress.exists() and json.loads(progress.read_text())["step"] >= step:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"the run did not reach step {step} within {timeout_s} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    return json.loads(progress.read_text())["step"]

@@ -4,16 +4,13 @@ ranks, and the errors of bad input (checked by the task's own setup, no engine n
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from finetune_helpers import PRETRAIN_W_JEPA, build_init, labelled_counts
-from launch_helpers import cpu_env, finetune_argv
+from launch_helpers import cpu_env, finetune_argv, kill_job_at_step
 
 from celljepa_dist.finetune.config import load_finetune_config
 from celljepa_dist.finetune.task import FinetuneTask
@@ -187,18 +184,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(inputs):
     ref = run_cli(finetune_argv(CONFIG, sets_for(inputs, ref_dir, *KILL_SETS), ranks=2))
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
-    proc = subprocess.Popen(finetune_argv(CONFIG, sets_for(inputs, kill_dir, *KILL_SETS), ranks=2), cwd=REPO,
-                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline, progress = time.time() + 400, kill_dir / "progress.json"
-    while time.time() < deadline:
-        if progress.exists() and json.loads(progress.read_text())["step"] >= 13:
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    killed_at = json.loads(progress.read_text())["step"]
+    killed_at = kill_job_at_step(finetune_argv(CONFIG, sets_for(inputs, kill_dir, *KILL_SETS), ranks=2),
+                                 kill_dir, step=13, timeout_s=400)
     assert 13 <= killed_at < per_epoch, f"killed at step {killed_at}: not mid-epoch past the checkpoint"
     assert sorted(p.parent.name for p in (kill_dir / "checkpoints").glob("*/COMMITTED")) == ["step_00000010"]
 

@@ -12,17 +12,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import cpu_env, pretrain_argv
+from launch_helpers import cpu_env, kill_job_at_step, pretrain_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,20 +99,10 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(fault_setup, stage):
 
     # Kill the whole job (both ranks and the launcher) once step 13 is done: mid-epoch 0,
     # 3 steps past the committed checkpoint at step 10.
-    proc = subprocess.Popen(_cmd(config, kill_dir, shards, vocab, sets), env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, progress = time.time() + 300, kill_dir / "progress.json"
-    while time.time() < deadline:
-        if progress.exists() and json.loads(progress.read_text())["step"] >= 13:
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    killed_at = kill_job_at_step(_cmd(config, kill_dir, shards, vocab, sets), kill_dir, step=13)
     # DeepSpeed's CPU all-reduce segments (69 MB per rank in /dev/shm, i.e. RAM) must not outlive
     # the run, even a SIGKILLed one: each rank unlinks its own right after init.
     assert _shm_buffers() - shm_before == set(), "a run left DeepSpeed shm segments in /dev/shm"
-    killed_at = json.loads(progress.read_text())["step"]
     assert 13 <= killed_at < per_epoch, f"killed at step {killed_at}: not mid-epoch past the checkpoint"
     committed = sorted(p.parent.name for p in (kill_dir / "checkpoints").glob("*/COMMITTED"))
     assert committed == ["step_00000010"]
