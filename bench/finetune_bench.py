@@ -8,7 +8,7 @@
    when both are there, otherwise pre-trained the same way for --pretrain-epochs under OUT/pretrain;
 2. finetunes each on PBMC 3k (label `cell_type`, 9:1 stratified split by seed 42) with
    configs/finetune_pbmc.yaml (GEP + GEPC + supervised ECS, + JEPA for celljepa; mask 0.4, batch 64 =
-   2 CPU ranks x 32, lr 1e-4 x0.9 per epoch) for --epochs epochs, bf16 on CPU;
+   2 CPU ranks x 32, lr 1e-4 x0.9 per epoch) for --epochs epochs, in --precision (bf16 where the CPU has it natively, else fp32);
 3. reports validation AvgBIO before (zero-shot: the pre-trained model's default encoder) and after
    finetuning (the finetuned student; its EMA teacher beside it) for both objectives, beside a
    50-PC PCA of the same validation cells (scib 1.1.5 AvgBIO, evaluation/).
@@ -32,14 +32,16 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import zero_shot_bench as zsb  # noqa: E402  (its data and pre-training, reused)
 
+from celljepa_dist.cpu_features import cpu_training_precision  # noqa: E402
 from celljepa_dist.launching import deepspeed_launcher, free_port  # noqa: E402
 
 OBJECTIVES = ("celljepa", "scgpt")
 CONFIG = REPO / "configs" / "finetune_pbmc.yaml"
 HELDOUT, LABEL = zsb.HELDOUT, zsb.HELDOUT_LABEL
-# CPU settings (2 ranks x 1 thread; bf16 matmuls are ~5x faster than fp32 here, as in pre-training).
-CPU_SETS = ["deepspeed.precision=bf16", "deepspeed.threads_per_rank=1", "data.batch_size=32",
-            "checkpoint.every_steps=100", "tracking.progress=false"]
+# CPU settings (2 ranks x 1 thread); the precision is --precision (bf16 only where the CPU has it
+# natively: cpu_features.py).
+CPU_SETS = ["deepspeed.threads_per_rank=1", "data.batch_size=32", "checkpoint.every_steps=100",
+            "tracking.progress=false"]
 
 
 def run(cmd: list, **env) -> None:
@@ -56,7 +58,8 @@ def find_runs(pretrained: Path) -> dict[str, dict]:
     return runs
 
 
-def pretrained_runs(data: Path, pretrained: Path, own: Path, epochs: int, max_steps: int) -> tuple[dict[str, dict], Path]:
+def pretrained_runs(data: Path, pretrained: Path, own: Path, epochs: int, max_steps: int,
+                    precision: str) -> tuple[dict[str, dict], Path]:
     """The zero-shot bench's runs when both are there; otherwise pre-trained here the same way,
     under `own` (never into the zero-shot bench's dir: its own run must keep its own budget)."""
     runs = find_runs(pretrained)
@@ -72,7 +75,8 @@ def pretrained_runs(data: Path, pretrained: Path, own: Path, epochs: int, max_st
             run_dir = own / "runs" / f"realcells_{name}"
             objective, extra = zsb.RUNS[name]
             sets = [f"objective={objective}", f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}",
-                    f"epochs={epochs}", f"max_steps={max_steps}", f"tracking.probe_shards={probe}", *extra]
+                    f"epochs={epochs}", f"max_steps={max_steps}", f"tracking.probe_shards={probe}",
+                    f"deepspeed.precision={precision}", *extra]
             cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
                                      "--config", zsb.CONFIG)
             for s in sets:
@@ -84,13 +88,13 @@ def pretrained_runs(data: Path, pretrained: Path, own: Path, epochs: int, max_st
     return runs, own
 
 
-def finetune(name: str, init_model: str, data: Path, out: Path, epochs: int, max_steps: int) -> dict:
+def finetune(name: str, init_model: str, data: Path, out: Path, epochs: int, max_steps: int, precision: str) -> dict:
     run_dir = out / "runs" / f"finetune_{name}"
     result = run_dir / "finetune_result.json"
     if not result.exists():
         sets = [f"objective={name}", f"init={init_model}", f"data.h5ad={data / f'{HELDOUT}.h5ad'}",
                 f"data.label_key={LABEL}", f"run_dir={run_dir}", f"epochs={epochs}", f"max_steps={max_steps}",
-                *CPU_SETS]
+                f"deepspeed.precision={precision}", *CPU_SETS]
         cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "finetune.py",
                                  "--config", CONFIG)
         for s in sets:
@@ -122,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=10, help="finetuning epochs (the paper: 30)")
     p.add_argument("--pretrain-epochs", type=int, default=2, help="only when the pre-trained runs are absent")
     p.add_argument("--max-steps", type=int, default=0, help="cap every run's optimiser steps (smoke runs)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=cpu_training_precision(),
+                   help="default: bf16 where the CPU multiplies it natively (avx512_bf16/amx_bf16), else fp32")
     args = p.parse_args(argv)
     data, out, pretrained = Path(args.data), Path(args.out), Path(args.pretrained)
     missing = [s for s in (*zsb.PRETRAIN_FILES, HELDOUT) if not (data / f"{s}.h5ad").is_file()]
@@ -129,18 +135,19 @@ def main(argv=None) -> int:
         print(f"finetune_bench: skipped: real cells not found in {data} (missing {missing})")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    print(f"finetune_bench settings: {CONFIG.name} + {' '.join(CPU_SETS)}; epochs={args.epochs} "
+    print(f"finetune_bench settings: {CONFIG.name} + {' '.join(CPU_SETS)} deepspeed.precision={args.precision}; epochs={args.epochs} "
           f"max_steps={args.max_steps or 'all'}; 2 CPU ranks; held-out {HELDOUT} (label {LABEL}); "
           f"pre-trained runs from {pretrained}", flush=True)
     t0 = time.time()
     timings = {}
-    inits, source = pretrained_runs(data, pretrained, out / "pretrain", args.pretrain_epochs, args.max_steps)
+    inits, source = pretrained_runs(data, pretrained, out / "pretrain", args.pretrain_epochs, args.max_steps,
+                                     args.precision)
     print(f"pre-trained runs: {source}", flush=True)
     timings["pretrain_s"] = time.time() - t0
     results = {}
     for name in OBJECTIVES:
         t = time.time()
-        results[name] = finetune(name, inits[name]["model"], data, out, args.epochs, args.max_steps)
+        results[name] = finetune(name, inits[name]["model"], data, out, args.epochs, args.max_steps, args.precision)
         timings[f"finetune_{name}_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
 

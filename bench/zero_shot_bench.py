@@ -5,7 +5,7 @@
 1. one vocabulary and one shard set from Kang PBMC, Baron pancreas, Moncada PDAC and PISCES PBMC 1k
    (gene symbols; Tian has Ensembl ids only and no offline mapping; PBMC 3k is held out);
 2. pre-trains `celljepa`, `scgpt` (GEP + GEPC, as scGPT) and `scgpt` without GEPC (masked-value
-   MSE only) with the same budget, seed and data (configs/realcells_cpu.yaml, 2 CPU ranks each, bf16);
+   MSE only) with the same budget, seed and data (configs/realcells_cpu.yaml, 2 CPU ranks each, bf16 where the CPU has it natively, else fp32);
 3. embeds PBMC 3k zero-shot (celljepa: EMA teacher and student; scgpt: student), each with `<cls>`
    and mean pooling, and evaluates every embedding beside a 50-PC PCA of the same cells (AvgBIO as
    scib 1.1.5; logged to the runs), with the embeddings' health: effective rank (RankMe) and mean
@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from celljepa_dist.cpu_features import cpu_training_precision  # noqa: E402
 from celljepa_dist.launching import deepspeed_launcher, free_port  # noqa: E402
 
 PRETRAIN_FILES = ("kang2018_pbmc_scgen", "baron2016_pancreas_came", "moncada2020_pdac_cardspa", "pbmc1k_pisces")
@@ -61,13 +62,13 @@ def build_data(data: Path, out: Path) -> tuple[Path, Path, Path]:
     return vocab, shards, probe
 
 
-def pretrain(name: str, out: Path, vocab: Path, shards: Path, probe: Path, epochs: int) -> dict:
+def pretrain(name: str, out: Path, vocab: Path, shards: Path, probe: Path, epochs: int, precision: str) -> dict:
     objective, extra = RUNS[name]
     run_dir = out / "runs" / f"realcells_{name}"
     result = run_dir / "result.json"
     if not result.exists():
         sets = [f"objective={objective}", f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}",
-                f"epochs={epochs}", f"tracking.probe_shards={probe}", *extra]
+                f"epochs={epochs}", f"tracking.probe_shards={probe}", f"deepspeed.precision={precision}", *extra]
         cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
                                  "--config", CONFIG)
         for assignment in sets:
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "bench_out" / "zero_shot"))
     p.add_argument("--data", default=os.environ.get("CELLJEPA_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=cpu_training_precision(),
+                   help="default: bf16 where the CPU multiplies it natively (avx512_bf16/amx_bf16), else fp32")
     args = p.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     missing = [s for s in (*PRETRAIN_FILES, HELDOUT) if not (data / f"{s}.h5ad").is_file()]
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     runs = {}
     for name in RUNS:
         t = time.time()
-        runs[name] = pretrain(name, out, vocab, shards, probe, args.epochs)
+        runs[name] = pretrain(name, out, vocab, shards, probe, args.epochs, args.precision)
         timings[f"pretrain_{name}_s"] = time.time() - t
 
     from celljepa_dist.evaluation import evaluate_embeddings, log_to_mlflow, markdown_table, write_report
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
     timings["total_s"] = time.time() - t0
 
     print(f"\nzero-shot AvgBIO on {HELDOUT} ({adata.n_obs} cells, label {HELDOUT_LABEL}), models pre-trained on "
-          f"{', '.join(PRETRAIN_FILES)} ({args.epochs} epochs, {CONFIG.name}):")
+          f"{', '.join(PRETRAIN_FILES)} ({args.epochs} epochs, {CONFIG.name}, {args.precision}):")
     print(markdown_table(results))
     print()
     print(health_table(adata, keys, results))

@@ -40,6 +40,16 @@ def finetune_argv(config: Path, sets: list[str], ranks: int = 1, launcher: bool 
     return pretrain_argv(config, sets, ranks, launcher, script=FINETUNE)
 
 
+def torchrun_argv(script: Path, config: Path, sets: list[str], ranks: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node R SCRIPT --config C --set ...` (as `python -m torch.distributed.run`:
+    the venv's interpreter, whatever PATH holds)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_port", str(free_port()), str(script), "--config", str(config)]
+    for s in sets:
+        argv += ["--set", s]
+    return argv
+
+
 def kill_job_at_step(argv: list[str], run_dir: Path, step: int, timeout_s: float = 300) -> int:
     """Start a training job in its own process group, SIGKILL the whole group (launcher and every
     rank) once RUN_DIR/progress.json reports `step` done, and return the step it reached: a

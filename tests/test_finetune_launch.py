@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from finetune_helpers import PRETRAIN_W_JEPA, build_init, labelled_counts
-from launch_helpers import cpu_env, finetune_argv, kill_job_at_step
+from launch_helpers import FINETUNE, cpu_env, finetune_argv, kill_job_at_step, torchrun_argv
 
 from celljepa_dist.finetune.config import load_finetune_config
 from celljepa_dist.finetune.task import FinetuneTask
@@ -177,11 +177,13 @@ def mlflow_history(run_dir: Path, key: str) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(inputs):
     """fp32, 2 ranks: killed 3+ steps past the commit at step 10, resumed: the same losses every
-    step, the same validation metrics, bit-identical student and (EMA) teacher."""
+    step, the same validation metrics, bit-identical student and (EMA) teacher. The reference run
+    goes through torchrun, the killed one through the deepspeed launcher: both launch paths give
+    the same run."""
     ref_dir, kill_dir = inputs["root"] / "runs" / "ref", inputs["root"] / "runs" / "killed"
     per_epoch = N_TRAIN // 16
     total = 2 * per_epoch
-    ref = run_cli(finetune_argv(CONFIG, sets_for(inputs, ref_dir, *KILL_SETS), ranks=2))
+    ref = run_cli(torchrun_argv(FINETUNE, CONFIG, sets_for(inputs, ref_dir, *KILL_SETS)))
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
     killed_at = kill_job_at_step(finetune_argv(CONFIG, sets_for(inputs, kill_dir, *KILL_SETS), ranks=2),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import cpu_env
+from launch_helpers import PRETRAIN, cpu_env, torchrun_argv
 
 from celljepa_dist.launching import deepspeed_launcher, free_port
 
@@ -42,8 +41,7 @@ def _mlflow_run(run_dir: Path):
 def test_torchrun_scgpt_baseline_run_is_complete(tiny_shards, tmp_path):
     shards, vocab = tiny_shards
     run_dir = tmp_path / "scgpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    cmd = torchrun_argv(PRETRAIN, REPO / "configs" / "tiny_cpu.yaml", [])
     cmd += _sets(run_dir, shards, vocab, ["objective=scgpt", "max_steps=6", "checkpoint.every_steps=3",
                                           "tracking.peak_tflops=0.05"])
     proc = _run(cmd)

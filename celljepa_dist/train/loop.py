@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from celljepa_dist.atomic import atomic_write_text
 from celljepa_dist.config import TrainConfig, flatten, save_config
+from celljepa_dist.cpu_features import emulated_bf16_warning
 from celljepa_dist.model import momentum_at
 from celljepa_dist.tracking import default_run_name, finish_failed, git_sha, make_tracker
 from celljepa_dist.train.checkpoint import (
@@ -208,6 +209,9 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Trainer:
     total_steps, short = planned_total_steps(steps_per_epoch, cfg.epochs, cfg.max_steps)
     if short and info.rank == 0:
         print(f"WARNING: {short}", flush=True)
+    slow_bf16 = emulated_bf16_warning(cfg.deepspeed.precision, torch.cuda.is_available())
+    if slow_bf16 and info.rank == 0:
+        print(f"WARNING: {slow_bf16}", flush=True)
     fingerprint = json.loads(json.dumps(config_fingerprint(
         flatten(cfg), prepared.vocab_sha256, prepared.data_identity, total_steps, prepared.fingerprint_keys)))
     # The probe cells (None when health is off); a bad probe fails here, before any engine starts.
