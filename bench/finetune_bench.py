@@ -1,7 +1,7 @@
 """Task 1 of the paper on real cells: finetuning for cell-type clustering (paper 2.4, 3.2, E.2).
 
     python bench/finetune_bench.py [--out bench_out/finetune] [--pretrained bench_out/zero_shot]
-                                   [--epochs 10] [--pretrain-epochs 2] [--data ../shared/data]
+                                   [--epochs 5] [--pretrain-epochs 2] [--data ../shared/data]
 
 1. the real-cell pre-training of bench/zero_shot_bench.py (Kang PBMC, Baron pancreas, Moncada PDAC,
    PISCES PBMC 1k; PBMC 3k held out): its `celljepa` and `scgpt` runs under --pretrained are reused
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", default=str(REPO / "bench_out" / "zero_shot"),
                    help="the zero-shot bench's output dir (its runs are reused; else OUT/pretrain)")
     p.add_argument("--data", default=os.environ.get("CELLJEPA_SHARED_DATA", str(REPO.parent / "shared" / "data")))
-    p.add_argument("--epochs", type=int, default=10, help="finetuning epochs (the paper: 30)")
+    p.add_argument("--epochs", type=int, default=5, help="finetuning epochs (the paper: 30; BENCHMARKS.md: 5)")
     p.add_argument("--pretrain-epochs", type=int, default=2, help="only when the pre-trained runs are absent")
     p.add_argument("--max-steps", type=int, default=0, help="cap every run's optimiser steps (smoke runs)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=cpu_training_precision(),
