@@ -3,6 +3,8 @@
 PyTorch runs bf16 matmuls on any x86 CPU, but only CPUs with `avx512_bf16` or `amx_bf16` do them
 in hardware: there they are ~5x faster than fp32; elsewhere (AVX2-only machines) they are emulated
 and ~20x slower (1.25 s against 0.06 s for a 2048x512 @ 512x512 matmul on one AVX2 EPYC core).
+Arm CPUs (whose `Features` may list `bf16`) count as not native: unmeasured here, so fp32 is the
+safe default there and `--precision`/`deepspeed.precision` choose otherwise.
 """
 from __future__ import annotations
 
