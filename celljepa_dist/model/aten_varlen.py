@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from .flash_varlen import check_supported
+
 LseKind = Literal["packed", "packed_t", "padded"]
 
 
@@ -127,18 +129,13 @@ def check_aten_schema() -> None:
 _FORWARD_LAYOUT: dict[int, LseLayout] = {}
 
 
-def _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes):
-    if dropout_p or causal or window_size_left != -1 or window_size_right != -1 or softcap or alibi_slopes is not None:
-        raise NotImplementedError("aten varlen kernel: only dropout_p=0, non-causal, no window/softcap/alibi")
-
-
 def aten_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                         softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
                         alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
                         seqused_k=None):
     """flash-attn's `_flash_attn_varlen_forward` contract on the aten op: (out [T, H, D],
     lse [H, T] fp32, None, rng_state)."""
-    _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
+    check_supported("aten", dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
     out, lse, rng_state, _unused, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, False, False, scale=softmax_scale)
     layout = detect_lse_layout(lse.shape, len(cu_seqlens_q) - 1, q.shape[0], q.shape[1], max_seqlen_q)
@@ -156,7 +153,7 @@ def aten_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens
                          window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
     """flash-attn's `_flash_attn_varlen_backward` contract: writes dq, dk, dv. `softmax_lse` is
     [H, T] (the merged one); `out` the merged output. Determinism is torch's global setting."""
-    _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
+    check_supported("aten", dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
     lse = lse_from_packed(softmax_lse.float(), _FORWARD_LAYOUT.get(int(max_seqlen_q), LseLayout("packed")), cu_seqlens_q)
     rng, unused = _rng_placeholders(q.device)
     if rng_state is not None:

@@ -110,16 +110,17 @@ def _padded_scores(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     return scores.masked_fill(~key_valid[:, None, None, :], float("-inf")), qp, kp, rows_q, rows_k
 
 
-def _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes):
+def check_supported(kernel: str, dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes):
+    """What the non-flash-attn kernels (`torch`, `aten`) of flash-attn's varlen contract implement."""
     if dropout_p or causal or window_size_left != -1 or window_size_right != -1 or softcap or alibi_slopes is not None:
-        raise NotImplementedError("torch varlen kernel: only dropout_p=0, non-causal, no window/softcap/alibi")
+        raise NotImplementedError(f"{kernel} varlen kernel: only dropout_p=0, non-causal, no window/softcap/alibi")
 
 
 def torch_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                          softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
                          alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
                          seqused_k=None):
-    _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
+    check_supported("torch", dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
     scores, _, _, rows_q, rows_k = _padded_scores(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                   softmax_scale)
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]; -inf for a query with no keys
@@ -133,7 +134,7 @@ def torch_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 def torch_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                           max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left,
                           window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
-    _unsupported(dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
+    check_supported("torch", dropout_p, causal, window_size_left, window_size_right, softcap, alibi_slopes)
     n_cells = len(cu_seqlens_q) - 1
     scores, qp, kp, rows_q, rows_k = _padded_scores(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     max_seqlen_k, softmax_scale)
