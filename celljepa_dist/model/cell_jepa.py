@@ -104,11 +104,16 @@ def celljepa_loss(out: StudentOutput, batch: Mapping[str, torch.Tensor], cfg: Lo
         losses["loss_cov"] = vicreg_covariance(out.cell_emb)
         total = total + cfg.w_cov * losses["loss_cov"]
     if cfg.w_ecs > 0:
-        if cfg.ecs_style == "supcon":
-            if "labels" not in batch:
-                raise KeyError("LossConfig.ecs_style='supcon' needs batch['labels'] (cell-type indices)")
-            losses["loss_ecs"] = ecs_supcon_loss(out.cell_emb, batch["labels"], cfg.ecs_temperature)
-        else:
-            losses["loss_ecs"] = ecs_scgpt_loss(out.cell_emb, cfg.ecs_threshold)
+        losses["loss_ecs"] = ecs_term(out.cell_emb, batch, cfg)
         total = total + cfg.w_ecs * losses["loss_ecs"]
     return {"loss": total, **losses}
+
+
+def ecs_term(cell_emb: torch.Tensor, batch: Mapping[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
+    """The ECS of `cfg.ecs_style`: the paper's supervised one (2.4.2) over batch['labels'], or
+    scGPT's label-free one (C.5). Every task with an ECS term (finetuning, perturbation) uses this."""
+    if cfg.ecs_style == "supcon":
+        if "labels" not in batch:
+            raise KeyError("LossConfig.ecs_style='supcon' needs batch['labels'] (cell-type indices)")
+        return ecs_supcon_loss(cell_emb, batch["labels"], cfg.ecs_temperature)
+    return ecs_scgpt_loss(cell_emb, cfg.ecs_threshold)

@@ -18,10 +18,11 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
+from celljepa_dist.model.cell_jepa import ecs_term
 from celljepa_dist.model.config import LossConfig, ModelConfig
 from celljepa_dist.model.encoder import CellEncoder
 from celljepa_dist.model.heads import JEPAPredictor, ValueHead
-from celljepa_dist.model.losses import ecs_scgpt_loss, ecs_supcon_loss, jepa_cosine_loss, masked_mse
+from celljepa_dist.model.losses import jepa_cosine_loss, masked_mse
 
 NOT_PERTURBED, PERTURBED, PERT_PAD = 0, 1, 2  # scGPT's pert_flags, pad_id 2
 N_PERT_STATES = 3
@@ -97,9 +98,6 @@ def perturb_loss(out: PerturbOutput, batch: Mapping[str, torch.Tensor], cfg: Los
         losses["loss_jepa"] = jepa_cosine_loss(out.jepa_pred, teacher_cls)
         total = total + cfg.w_jepa * losses["loss_jepa"]
     if cfg.w_ecs > 0:
-        if cfg.ecs_style == "supcon":
-            losses["loss_ecs"] = ecs_supcon_loss(out.cell_emb, batch["labels"], cfg.ecs_temperature)
-        else:
-            losses["loss_ecs"] = ecs_scgpt_loss(out.cell_emb, cfg.ecs_threshold)
+        losses["loss_ecs"] = ecs_term(out.cell_emb, batch, cfg)
         total = total + cfg.w_ecs * losses["loss_ecs"]
     return {"loss": total, **losses}
