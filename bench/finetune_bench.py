@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ sys.path.insert(0, str(REPO / "bench"))
 import zero_shot_bench as zsb  # noqa: E402  (its data and pre-training, reused)
 
 from celljepa_dist.cpu_features import cpu_training_precision  # noqa: E402
-from celljepa_dist.launching import deepspeed_launcher, free_port  # noqa: E402
 
 OBJECTIVES = ("celljepa", "scgpt")
 CONFIG = REPO / "configs" / "finetune_pbmc.yaml"
@@ -42,10 +40,6 @@ HELDOUT, LABEL = zsb.HELDOUT, zsb.HELDOUT_LABEL
 # natively: cpu_features.py).
 CPU_SETS = ["deepspeed.threads_per_rank=1", "data.batch_size=32", "checkpoint.every_steps=100",
             "tracking.progress=false"]
-
-
-def run(cmd: list, **env) -> None:
-    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, env={**os.environ, **env})
 
 
 def find_runs(pretrained: Path) -> dict[str, dict]:
@@ -72,19 +66,7 @@ def pretrained_runs(data: Path, pretrained: Path, own: Path, epochs: int, max_st
               f"{f', max {max_steps} steps' if max_steps else ''}; {zsb.CONFIG.name}) into {own}", flush=True)
         vocab, shards, probe = zsb.build_data(data, own)
         for name in missing:
-            run_dir = own / "runs" / f"realcells_{name}"
-            objective, extra = zsb.RUNS[name]
-            sets = [f"objective={objective}", f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}",
-                    f"epochs={epochs}", f"max_steps={max_steps}", f"tracking.probe_shards={probe}",
-                    f"deepspeed.precision={precision}", *extra]
-            cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
-                                     "--config", zsb.CONFIG)
-            for s in sets:
-                cmd += ["--set", s]
-            if list(run_dir.glob("checkpoints/*/COMMITTED")):
-                cmd += ["--resume", "auto"]
-            run(cmd, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
-            runs[name] = json.loads((run_dir / "result.json").read_text())
+            runs[name] = zsb.pretrain(name, own, vocab, shards, probe, epochs, precision, max_steps)
     return runs, own
 
 
@@ -92,16 +74,10 @@ def finetune(name: str, init_model: str, data: Path, out: Path, epochs: int, max
     run_dir = out / "runs" / f"finetune_{name}"
     result = run_dir / "finetune_result.json"
     if not result.exists():
-        sets = [f"objective={name}", f"init={init_model}", f"data.h5ad={data / f'{HELDOUT}.h5ad'}",
-                f"data.label_key={LABEL}", f"run_dir={run_dir}", f"epochs={epochs}", f"max_steps={max_steps}",
-                f"deepspeed.precision={precision}", *CPU_SETS]
-        cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "finetune.py",
-                                 "--config", CONFIG)
-        for s in sets:
-            cmd += ["--set", s]
-        if list(run_dir.glob("checkpoints/*/COMMITTED")):
-            cmd += ["--resume", "auto"]
-        run(cmd, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
+        zsb.launch_two_ranks(REPO / "launch" / "finetune.py", CONFIG, run_dir, [
+            f"objective={name}", f"init={init_model}", f"data.h5ad={data / f'{HELDOUT}.h5ad'}",
+            f"data.label_key={LABEL}", f"epochs={epochs}", f"max_steps={max_steps}",
+            f"deepspeed.precision={precision}", *CPU_SETS])
     return json.loads(result.read_text())
 
 

@@ -62,20 +62,26 @@ def build_data(data: Path, out: Path) -> tuple[Path, Path, Path]:
     return vocab, shards, probe
 
 
-def pretrain(name: str, out: Path, vocab: Path, shards: Path, probe: Path, epochs: int, precision: str) -> dict:
+def launch_two_ranks(script: Path, config: Path, run_dir: Path, sets: list[str]) -> None:
+    """`script --config CONFIG --set ...` on 2 CPU ranks through the deepspeed launcher, resumed from
+    RUN_DIR's newest committed checkpoint when it has one (an interrupted bench continues)."""
+    cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), script, "--config", config)
+    for assignment in [f"run_dir={run_dir}", *sets]:
+        cmd += ["--set", assignment]
+    if list(run_dir.glob("checkpoints/*/COMMITTED")):
+        cmd += ["--resume", "auto"]
+    run(cmd, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
+
+
+def pretrain(name: str, out: Path, vocab: Path, shards: Path, probe: Path, epochs: int, precision: str,
+             max_steps: int = 0) -> dict:
     objective, extra = RUNS[name]
     run_dir = out / "runs" / f"realcells_{name}"
     result = run_dir / "result.json"
     if not result.exists():
-        sets = [f"objective={objective}", f"run_dir={run_dir}", f"vocab={vocab}", f"data.shards_dir={shards}",
-                f"epochs={epochs}", f"tracking.probe_shards={probe}", f"deepspeed.precision={precision}", *extra]
-        cmd = deepspeed_launcher("--num_gpus", 2, "--master_port", free_port(), REPO / "launch" / "pretrain.py",
-                                 "--config", CONFIG)
-        for assignment in sets:
-            cmd += ["--set", assignment]
-        if list(run_dir.glob("checkpoints/*/COMMITTED")):
-            cmd += ["--resume", "auto"]
-        run(cmd, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
+        launch_two_ranks(REPO / "launch" / "pretrain.py", CONFIG, run_dir, [
+            f"objective={objective}", f"vocab={vocab}", f"data.shards_dir={shards}", f"epochs={epochs}",
+            f"max_steps={max_steps}", f"tracking.probe_shards={probe}", f"deepspeed.precision={precision}", *extra])
     return json.loads(result.read_text())
 
 
