@@ -69,3 +69,13 @@ def kill_job_at_step(argv: list[str], run_dir: Path, step: int, timeout_s: float
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     return json.loads(progress.read_text())["step"]
+
+
+def assert_bit_identical(ref: dict, got: dict, what: str) -> None:
+    """Two state dicts with the same keys and every tensor equal to the bit (a resumed run's weights
+    against an uninterrupted run's)."""
+    import torch
+
+    assert ref.keys() == got.keys(), f"{what}: different parameters"
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{what} {k} differs after resume"

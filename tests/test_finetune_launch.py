@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from finetune_helpers import PRETRAIN_W_JEPA, build_init, labelled_counts
-from launch_helpers import FINETUNE, cpu_env, finetune_argv, kill_job_at_step, torchrun_argv
+from launch_helpers import FINETUNE, assert_bit_identical, cpu_env, finetune_argv, kill_job_at_step, torchrun_argv
 
 from celljepa_dist.finetune.config import load_finetune_config
 from celljepa_dist.finetune.task import FinetuneTask
@@ -198,11 +198,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(inputs):
     assert losses(kill_dir) == losses(ref_dir) and [r["step"] for r in losses(ref_dir)] == list(range(1, total + 1))
     ref_student, ref_teacher = final_weights(ref_dir, total)
     got_student, got_teacher = final_weights(kill_dir, total)
-    assert ref_student.keys() == got_student.keys() and ref_teacher.keys() == got_teacher.keys()
-    for k in ref_student:
-        assert torch.equal(ref_student[k], got_student[k]), f"student {k} differs after resume"
-    for k in ref_teacher:
-        assert torch.equal(ref_teacher[k], got_teacher[k]), f"teacher {k} differs after resume"
+    assert_bit_identical(ref_student, got_student, "student")
+    assert_bit_identical(ref_teacher, got_teacher, "teacher")
     assert not torch.equal(ref_teacher["embed.gene.embedding.weight"], ref_student["student.embed.gene.embedding.weight"])
     assert [s for s, _ in mlflow_history(kill_dir, "loss")] == list(range(1, total + 1))  # each step once
     val = mlflow_history(ref_dir, "val/loss_rec")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import cpu_env, kill_job_at_step, pretrain_argv
+from launch_helpers import assert_bit_identical, cpu_env, kill_job_at_step, pretrain_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,11 +117,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(fault_setup, stage):
     assert got_losses == ref_losses  # every step, every term, bit for bit (JSON floats round-trip)
     ref_student, ref_teacher = _final_weights(ref_dir, total)
     got_student, got_teacher = _final_weights(kill_dir, total)
-    assert ref_student.keys() == got_student.keys() and ref_teacher.keys() == got_teacher.keys()
-    for k in ref_student:
-        assert torch.equal(ref_student[k], got_student[k]), f"student {k} differs after resume"
-    for k in ref_teacher:
-        assert torch.equal(ref_teacher[k], got_teacher[k]), f"teacher {k} differs after resume"
+    assert_bit_identical(ref_student, got_student, "student")
+    assert_bit_identical(ref_teacher, got_teacher, "teacher")
     if stage != 3:  # the teacher lags the student (EMA), so comparing both is not redundant
         assert not torch.equal(ref_teacher["embed.gene.embedding.weight"],
                                ref_student["student.embed.gene.embedding.weight"])
